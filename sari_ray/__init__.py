@@ -1,0 +1,1 @@
+"""sari-ray: SFT warm-up + curriculum GRPO for audio-language models, distributed with Ray."""
