@@ -1,0 +1,95 @@
+"""`sari-ray data ...`: make and check question sets.
+
+    sari-ray data synth --out runs/synth --n 96 --seed 0 [--tiers 3] [--silent]
+    sari-ray data validate --data shared/data/mmau/mmau-test-mini.json --format mmau --no-check-audio
+    sari-ray data silent-copy --data runs/synth/data.jsonl --out runs/synth-silent
+    sari-ray data difficulty ...   (registered from sari_ray.data.difficulty)
+
+Heavy imports (torchaudio, soundfile) happen inside the command functions.
+"""
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+
+def add_data_command(subparsers) -> argparse._SubParsersAction:
+    """Add the `data` command; return its sub-subparsers so other modules can add `data <name>` commands."""
+    data = subparsers.add_parser("data", help="make and check audio question sets")
+    return data.add_subparsers(dest="data_command", required=True)
+
+
+def register_cli(subparsers) -> None:
+    data_commands = add_data_command(subparsers)
+
+    synth = data_commands.add_parser("synth", help="write a synthetic tiered audio-question set (wav + jsonl)")
+    synth.add_argument("--out", required=True, help="output folder (gets audio/ and data.jsonl)")
+    synth.add_argument("--n", type=int, required=True, help="number of questions")
+    synth.add_argument("--seed", type=int, default=0, help="same seed -> byte-identical files")
+    synth.add_argument("--tiers", type=int, default=3, help="number of curriculum tiers (1..3)")
+    synth.add_argument("--silent", action="store_true", help="silent clips (checks that a model uses the audio)")
+    synth.set_defaults(func=run_synth)
+
+    validate = data_commands.add_parser("validate", help="check a question set; exit 1 on problems")
+    validate.add_argument("--data", required=True, help="data file")
+    validate.add_argument("--format", default="jsonl", choices=("jsonl", "mmau", "r1aqa"))
+    validate.add_argument("--audio-dir", default=None, help="base for relative audio paths (default: file's folder)")
+    validate.add_argument("--policy", default="error", choices=("error", "skip"),
+                          help="error: list every problem and exit 1; skip: drop bad rows and report counts")
+    validate.add_argument("--num-tiers", type=int, default=None, help="require tiers in 0..num_tiers-1")
+    validate.add_argument("--no-check-audio", dest="check_audio", action="store_false",
+                          help="skip decoding the clips (e.g. MMAU metadata without its audio)")
+    validate.set_defaults(func=run_validate)
+
+    silent = data_commands.add_parser("silent-copy", help="the same questions over silent clips")
+    silent.add_argument("--data", required=True, help="jsonl in this project's format")
+    silent.add_argument("--out", required=True, help="output folder")
+    silent.set_defaults(func=run_silent_copy)
+
+    # `data difficulty` (curriculum tiers from a model's pass rates) lives with its owner's module; further
+    # `data <name>` commands register the same way, on `data_commands`.
+    from sari_ray.data.difficulty import add_difficulty_parser  # light at import: heavy imports are inside
+
+    add_difficulty_parser(data_commands)
+
+
+def _tier_counts(path) -> str:
+    from sari_ray.data.readers import read_samples
+
+    counts = Counter(sample.tier for sample in read_samples(path))
+    return ", ".join(f"tier {tier}: {counts[tier]}" for tier in sorted(counts, key=lambda t: (t is None, t or 0)))
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    from sari_ray.data.synth import synthesize
+
+    path = synthesize(args.out, n=args.n, seed=args.seed, tiers=args.tiers, silence=args.silent)
+    print(path)
+    print(_tier_counts(path))
+    return 0
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    from sari_ray.data.readers import DataFormatError, read_samples
+    from sari_ray.data.validate import DataValidationError, validate_samples
+
+    try:
+        samples = read_samples(args.data, format=args.format, audio_dir=args.audio_dir)
+    except (DataFormatError, FileNotFoundError) as exc:
+        print(exc)
+        return 1
+    try:
+        report = validate_samples(samples, check_audio=args.check_audio, policy=args.policy,
+                                  num_tiers=args.num_tiers, source=str(args.data))
+    except DataValidationError as exc:
+        print(exc)
+        return 1
+    print(report.summary())
+    return 0
+
+
+def run_silent_copy(args: argparse.Namespace) -> int:
+    from sari_ray.data.synth import make_silent_copy
+
+    print(make_silent_copy(args.data, args.out))
+    return 0
