@@ -1,0 +1,44 @@
+"""Learner actor: one DeepSpeed rank. Constructed empty so rank 0 can report its address before any rank
+joins the process group (`init_distributed` blocks until all have)."""
+from __future__ import annotations
+
+import socket
+
+
+class LearnerActor:
+    def __init__(self):
+        self.learner = None
+
+    def address(self) -> tuple[str, int]:
+        import ray
+
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def setup(self, **kwargs) -> None:
+        from sari_ray.engines.learner import DeepSpeedLearner
+
+        self.learner = DeepSpeedLearner(**kwargs)
+
+    def sft_step(self, samples, style, learning_rate):
+        return self.learner.sft_step(samples, style, learning_rate)
+
+    def grpo_step(self, records, learning_rate):
+        return self.learner.grpo_step(records, learning_rate)
+
+    def export_weight_bucket_refs(self, bucket_bytes: int) -> list:
+        """Buckets go into the object store from here; only their refs travel to the driver."""
+        import ray
+
+        return [ray.put(bucket) for bucket in self.learner.export_weight_buckets(bucket_bytes)]
+
+    def weights_checksum(self) -> float:
+        return self.learner.weights_checksum()
+
+    def save_checkpoint(self, directory, client_state=None):
+        return self.learner.save_checkpoint(directory, client_state)
+
+    def load_checkpoint(self, directory):
+        return self.learner.load_checkpoint(directory)

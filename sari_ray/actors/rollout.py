@@ -1,0 +1,67 @@
+"""Rollout worker: a vLLM engine plus the processor that renders prompts; audio is decoded here, next to the
+engine, so clips never pass through the driver."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+import numpy as np
+
+from sari_ray.data.audio import load_audio
+from sari_ray.data.schema import AudioMCQ
+from sari_ray.prompts import PromptStyle, build_messages, render_prompt
+
+
+class RolloutWorker:
+    def __init__(self, model_path: str, engine_kwargs: dict, max_audio_seconds: float = 30.0):
+        from transformers import AutoProcessor
+
+        from sari_ray.engines.vllm_engine import VLLMEngine
+
+        t0 = time.perf_counter()
+        self.engine = VLLMEngine(model_path, **engine_kwargs)
+        self.processor = AutoProcessor.from_pretrained(model_path)
+        self.max_audio_seconds = max_audio_seconds
+        self.start_seconds = time.perf_counter() - t0
+
+    def ready(self) -> float:
+        return self.start_seconds
+
+    def generate(self, samples: list[dict], style: str, *, n: int, temperature: float, top_p: float,
+                 max_tokens: int, seed: int, audio_mode: str = "real") -> list[dict]:
+        """G completions per sample: ids, sampling log-probs, finish reasons, the weight version used."""
+        parsed = [AudioMCQ.from_dict(row) for row in samples]
+        prompts = [render_prompt(build_messages(s, PromptStyle(style)), self.processor) for s in parsed]
+        audios = [self._audio(s.audio, audio_mode) for s in parsed]
+        outputs = self.engine.generate(prompts, audios, n=n, temperature=temperature, top_p=top_p,
+                                       max_tokens=max_tokens, seed=seed)
+        return [{"sample_id": s.id, "prompt": p, "completions": [asdict(c) for c in comps]}
+                for s, p, comps in zip(parsed, prompts, outputs)]
+
+    def _audio(self, path: str, audio_mode: str) -> np.ndarray:
+        samples = load_audio(path, max_seconds=self.max_audio_seconds).samples
+        if audio_mode == "silence":
+            return np.zeros_like(samples)
+        if audio_mode == "noise":
+            return np.random.default_rng(0).normal(0, 0.1, samples.shape).astype(np.float32)
+        return samples
+
+    def load_weights(self, bucket_refs: list, version: int) -> dict:
+        """Reload in place from object-store buckets (one engine call per bucket)."""
+        import ray
+
+        t0 = time.perf_counter()
+        buckets = [ray.get(ref) for ref in bucket_refs]
+        fetched = time.perf_counter() - t0
+        result = self.engine.load_weights(buckets, version)
+        return {"bytes": sum(len(b) for b in buckets), "fetch_s": fetched, "total_s": time.perf_counter() - t0,
+                "version": version, **({} if not isinstance(result, dict) else result)}
+
+    def weights_checksum(self) -> float:
+        return self.engine.weights_checksum()
+
+    def weight_version(self) -> int:
+        return self.engine.weight_version
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()

@@ -1,0 +1,91 @@
+"""Where plain classes become Ray actors, with resources from the config, and the one fan-out helper."""
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from sari_ray.actors.learner import LearnerActor
+from sari_ray.actors.reward import RewardScorer
+from sari_ray.actors.rollout import RolloutWorker
+from sari_ray.curriculum import CurriculumScheduler
+
+
+def split_evenly(items: list, parts: int) -> list[list]:
+    """Contiguous shards whose sizes differ by at most one (order kept, so results concatenate back)."""
+    size, extra = divmod(len(items), parts)
+    shards, start = [], 0
+    for i in range(parts):
+        end = start + size + (1 if i < extra else 0)
+        shards.append(items[start:end])
+        start = end
+    return shards
+
+
+class ActorGroup:
+    """N actors of one role; `*_refs` methods return ObjectRefs, the others wait."""
+
+    def __init__(self, actors: list):
+        self.actors = actors
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def call_refs(self, method: str, *args, **kwargs) -> list:
+        return [getattr(actor, method).remote(*args, **kwargs) for actor in self.actors]
+
+    def call(self, method: str, *args, **kwargs) -> list:
+        return ray.get(self.call_refs(method, *args, **kwargs))
+
+    def call_sharded(self, method: str, shards: list, *args, **kwargs) -> list:
+        """One shard per actor (shards of an empty list are skipped for the rollout side)."""
+        refs = [getattr(actor, method).remote(shard, *args, **kwargs)
+                for actor, shard in zip(self.actors, shards) if shard]
+        return ray.get(refs)
+
+
+def actor_env(cfg) -> dict[str, str]:
+    threads = str(cfg.cluster.torch_threads_per_actor)
+    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
+    if cfg.run.device == "cpu" or (cfg.run.device == "auto" and not _has_gpu(cfg)):
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def _has_gpu(cfg) -> bool:
+    return cfg.learner.num_gpus_per_worker > 0 or cfg.rollout.num_gpus_per_worker > 0
+
+
+def start_rollout_workers(cfg, model_path: str, engine_kwargs: dict[str, Any]) -> ActorGroup:
+    remote = ray.remote(RolloutWorker).options(
+        num_cpus=cfg.rollout.num_cpus_per_worker, num_gpus=cfg.rollout.num_gpus_per_worker,
+        resources=dict(cfg.rollout.resources), runtime_env={"env_vars": actor_env(cfg)})
+    group = ActorGroup([remote.remote(model_path, engine_kwargs, cfg.data.max_audio_seconds)
+                        for _ in range(cfg.rollout.num_workers)])
+    return group
+
+
+def start_learners(cfg, setup_kwargs: dict[str, Any]) -> ActorGroup:
+    """Rank 0 reports a node address and free port first; every rank then joins that process group."""
+    remote = ray.remote(LearnerActor).options(
+        num_cpus=cfg.learner.num_cpus_per_worker, num_gpus=cfg.learner.num_gpus_per_worker,
+        resources=dict(cfg.learner.resources), runtime_env={"env_vars": actor_env(cfg)})
+    actors = [remote.remote() for _ in range(cfg.learner.num_workers)]
+    master_addr, master_port = ray.get(actors[0].address.remote())
+    ray.get([actor.setup.remote(rank=rank, world_size=len(actors), master_addr=master_addr,
+                                master_port=master_port, **setup_kwargs)
+             for rank, actor in enumerate(actors)])
+    return ActorGroup(actors)
+
+
+def start_reward_scorer(cfg):
+    return ray.remote(RewardScorer).options(num_cpus=0).remote(
+        cfg.prompt.style, cfg.reward.accuracy_weight, cfg.reward.format_weight)
+
+
+def start_curriculum(cfg, tiers: dict[str, int]):
+    return ray.remote(CurriculumScheduler).options(num_cpus=0).remote(
+        tiers, mode=cfg.curriculum.mode, batch_size=cfg.grpo.prompts_per_step, window=cfg.curriculum.window,
+        promote_threshold=cfg.curriculum.promote_threshold, min_steps_at_tier=cfg.curriculum.min_steps_at_tier,
+        max_steps_at_tier=cfg.curriculum.max_steps_at_tier,
+        replay_fraction=cfg.curriculum.replay_fraction, seed=cfg.run.seed)

@@ -1,0 +1,468 @@
+"""Train: `python -m sari_ray.train configs/demo_cpu.yaml [key=value ...]` (what `ray job submit` runs),
+or `sari-ray train CONFIG [key=value ...]`, or `sari-ray demo`.
+
+SFT warm-up on the prompt style's reasoning targets, then curriculum-guided GRPO. One GRPO step is a row of
+named, timed phases: sample batch -> generate -> reward -> curriculum update -> learn -> sync weights -> log.
+Data is validated before any actor starts; checkpoints hold learner, curriculum, data cursor, RNG, step, MLflow
+run id and weight version, so `run.resume=true` continues the same MLflow run with the same data order.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from sari_ray import metrics as metrics_lib
+from sari_ray.config import ConfigError, grpo_settings, load_config, to_flat_dict
+from sari_ray.data.schema import AudioMCQ
+
+CHECKPOINTS = "checkpoints"
+
+
+class Trainer:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.out = Path(cfg.run.output_dir).resolve()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.console = _console()
+        self.timings: dict[str, float] = {}
+        self.train_set, self.eval_set = prepare_data(cfg, self.console)  # fails here, before any actor
+        self.by_id = {s.id: s for s in self.train_set}
+        self.model_path = prepare_model(cfg)
+        self.state = self._initial_state()
+        checkpoint = latest_checkpoint(self.out) if cfg.run.resume else None
+        if cfg.run.resume and checkpoint is None:
+            self.console.print(f"[yellow]run.resume=true but no checkpoint in {self.out / CHECKPOINTS}; starting fresh")
+        if checkpoint is not None:
+            self.state = json.loads((checkpoint / "trainer_state.json").read_text())
+        if not cfg.run.resume and (self.out / CHECKPOINTS).exists() and any((self.out / CHECKPOINTS).iterdir()):
+            raise ConfigError(f"{self.out} already holds checkpoints; set run.resume=true to continue it "
+                              f"or choose another run.output_dir / run.name")
+        OmegaConf.save(cfg, self.out / "config.yaml")
+        self._start_tracking()
+        self._start_actors(checkpoint)
+
+    # ------------------------------------------------------------------ setup
+    def _initial_state(self) -> dict[str, Any]:
+        rng = np.random.default_rng(self.cfg.run.seed)
+        return {"phase": "sft", "sft_step": 0, "step": 0, "weight_version": 0, "mlflow_run_id": None,
+                "curriculum": None, "rng": rng.bit_generator.state, "sft_order": None, "history": []}
+
+    def _start_tracking(self) -> None:
+        from sari_ray.engines.tracking import Tracker
+
+        t = self.cfg.tracking
+        self.tracker = Tracker(t.tracking_uri, t.experiment, self.out, self.cfg.run.name, self.state["mlflow_run_id"])
+        self.state["mlflow_run_id"], self.state["tracking_uri"] = self.tracker.run_id, self.tracker.tracking_uri
+        self.tracker.log_params(to_flat_dict(self.cfg))
+        self.tracker.log_text(OmegaConf.to_yaml(self.cfg), "config.yaml")
+        self.console.print(f"MLflow run {self.tracker.run_id} at {self.tracker.tracking_uri}")
+
+    def _start_actors(self, checkpoint: Path | None) -> None:
+        import ray
+
+        from sari_ray.actors import wiring
+
+        cfg = self.cfg
+        if not ray.is_initialized():
+            ray.init(**ray_init_kwargs(cfg))
+        with self.phase("startup"):
+            self.curriculum = wiring.start_curriculum(cfg, {s.id: s.tier or 0 for s in self.train_set})
+            if self.state["curriculum"] is not None:
+                ray.get(self.curriculum.load_state_dict.remote(self.state["curriculum"]))
+            self.reward = wiring.start_reward_scorer(cfg)
+            engine_kwargs = dict(seed=cfg.run.seed, max_model_len=cfg.rollout.max_model_len, dtype=cfg.model.dtype,
+                                 tensor_parallel_size=cfg.rollout.tensor_parallel_size,
+                                 gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                                 enforce_eager=cfg.rollout.enforce_eager, device=cfg.run.device)
+            self.rollout = wiring.start_rollout_workers(cfg, self.model_path, engine_kwargs)
+            self.learners = wiring.start_learners(cfg, dict(
+                model_path=self.model_path, zero_stage=cfg.learner.zero_stage, dtype=cfg.model.dtype,
+                micro_batch_size=cfg.learner.micro_batch_size, gradient_clipping=cfg.learner.gradient_clipping,
+                weight_decay=cfg.learner.weight_decay, grpo_settings=grpo_settings(cfg),
+                temperature=cfg.rollout.temperature, seed=cfg.run.seed, device=cfg.run.device,
+                torch_threads=cfg.cluster.torch_threads_per_actor, train_audio_encoder=cfg.learner.train_audio_encoder,
+                gradient_checkpointing=cfg.learner.gradient_checkpointing, max_audio_seconds=cfg.data.max_audio_seconds))
+            start_s = self.rollout.call("ready")
+            if checkpoint is not None:
+                self.learners.call("load_checkpoint", str(checkpoint))
+                self.sync_weights()  # engines restart from the base model: give them the checkpoint's weights
+        self.console.print(f"actors up: {len(self.rollout)} rollout, {len(self.learners)} learner "
+                           f"(engine start {max(start_s):.0f} s)")
+
+    @contextmanager
+    def phase(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.timings[f"time/{name}"] = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ training
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        if self.state["phase"] == "sft":
+            self.sft()
+        with _progress(self.console) as progress:
+            task = progress.add_task("grpo", total=cfg.grpo.steps, completed=self.state["step"])
+            while self.state["step"] < cfg.grpo.steps:
+                self.state["step"] += 1
+                step_metrics = self.grpo_step(self.state["step"])
+                progress.update(task, advance=1, description=_progress_line(self.state["step"], step_metrics))
+                if self.state["step"] % cfg.checkpoint.every == 0 or self.state["step"] == cfg.grpo.steps:
+                    self.save_checkpoint()
+        summary = self.finish(time.perf_counter() - t_start)
+        return summary
+
+    def sft(self) -> None:
+        """SARI's warm-up: imitate the style's reasoning targets before RL."""
+        cfg, s = self.cfg, self.state
+        if cfg.sft.steps > 0:
+            order = s["sft_order"] or [x.id for x in self.train_set]
+            if s["sft_order"] is None:
+                rng = self._rng()
+                order = [order[i] for i in rng.permutation(len(order))]
+                s["sft_order"], s["rng"] = order, rng.bit_generator.state
+            while s["sft_step"] < cfg.sft.steps:
+                start = (s["sft_step"] * cfg.sft.batch_size) % len(order)
+                ids = [order[(start + i) % len(order)] for i in range(cfg.sft.batch_size)]
+                rows = [self.by_id[i].to_dict() for i in ids]
+                with self.phase("sft_step"):
+                    per_rank = self.learners.call_sharded("sft_step", self._shard_for_learners(rows),
+                                                          cfg.sft.style, cfg.sft.learning_rate)
+                s["sft_step"] += 1
+                m = metrics_lib.mean_over_ranks(per_rank)
+                self.tracker.log_metrics({**m, "time/sft_step": self.timings["time/sft_step"]}, s["sft_step"])
+                if s["sft_step"] % 10 == 0 or s["sft_step"] == cfg.sft.steps:
+                    self.console.print(f"sft {s['sft_step']}/{cfg.sft.steps} loss {m['sft/loss']:.3f}")
+            self.sync_weights()
+        s["phase"] = "grpo"
+        if cfg.sft.steps > 0:
+            self.save_checkpoint()
+            eval_metrics = self.evaluate()
+            self.tracker.log_metrics({f"sft_end/{k.split('/', 1)[1]}": v for k, v in eval_metrics.items()}, 0)
+            s["history"].append({"step": 0, **eval_metrics})
+
+    def grpo_step(self, step: int) -> dict[str, float]:
+        cfg = self.cfg
+        with self.phase("sample"):
+            batch = _get(self.curriculum.next_batch.remote())
+            samples = [self.by_id[i] for i in batch.ids]
+        with self.phase("rollout"):
+            rollouts = self.generate(samples, step)
+        completions = [c for r in rollouts for c in r["completions"]]
+        expanded = [s for s in samples for _ in range(cfg.grpo.num_generations)]
+        with self.phase("reward"):
+            scores = _get(self.reward.score.remote([c["text"] for c in completions], [s.to_dict() for s in expanded]))
+        with self.phase("curriculum"):
+            per_sample = metrics_lib.per_sample_accuracy([s.id for s in expanded], scores)
+            promotion = _get(self.curriculum.update.remote(step, per_sample))
+            self.state["curriculum"] = _get(self.curriculum.state_dict.remote())
+        with self.phase("learn"):
+            records = self.training_records(rollouts, scores)
+            learn = metrics_lib.mean_over_ranks(self.learners.call_sharded(
+                "grpo_step", self._shard_for_learners(records), cfg.grpo.learning_rate)) if records else {}
+        with self.phase("sync"):
+            sync = self.sync_weights()
+        m = metrics_lib.rollout_metrics(scores, [len(c["token_ids"]) for c in completions],
+                                        [c["finish_reason"] == "length" for c in completions],
+                                        [s.tier or 0 for s in expanded])
+        m.update(learn)
+        m.update(_get(self.curriculum.metrics.remote()))
+        m.update({k: v for k, v in self.timings.items() if k != "time/startup"})
+        m.update({"sync/bytes": sync["bytes"], "sync/seconds": sync["seconds"], "learn/records": len(records),
+                  "throughput/completions_per_s": len(completions) / max(self.timings["time/rollout"], 1e-9),
+                  "rollout/weight_version": min(c["weight_version"] for c in completions)})
+        if promotion is not None:
+            event = promotion.to_dict()
+            self.state.setdefault("promotions", []).append(event)
+            self.console.print(f"[green]step {step}: tier {event['from_tier']} -> {event['to_tier']} "
+                               f"(accuracies {event['accuracies']})")
+            self.tracker.log_dict(self.state["promotions"], "curriculum_history.json")
+        if cfg.eval.every and step % cfg.eval.every == 0:
+            m.update(self.evaluate())
+        self.tracker.log_metrics(m, step)
+        self._log_batch(step, batch.ids)
+        if cfg.tracking.completions_table_every and step % cfg.tracking.completions_table_every == 0:
+            self.tracker.log_table([{"step": step, "sample_id": s.id, "tier": s.tier, "answer": s.answer,
+                                     "completion": c["text"], **{k: sc[k] for k in ("reward", "accuracy", "format")}}
+                                    for s, c, sc in list(zip(expanded, completions, scores))[:32]],
+                                   f"completions/step_{step:06d}.json")
+        return m
+
+    def generate(self, samples: list[AudioMCQ], step: int, audio_mode: str = "real", greedy: bool = False) -> list[dict]:
+        """Prompts spread across rollout workers (adding workers raises throughput)."""
+        from sari_ray.actors.wiring import split_evenly
+
+        cfg = self.cfg
+        shards = split_evenly([s.to_dict() for s in samples], len(self.rollout))
+        per_worker = self.rollout.call_sharded(
+            "generate", shards, cfg.prompt.style, n=1 if greedy else cfg.grpo.num_generations,
+            temperature=0.0 if greedy else cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+            max_tokens=cfg.grpo.max_completion_length, seed=cfg.run.seed * 1_000_003 + step, audio_mode=audio_mode)
+        return [r for shard in per_worker for r in shard]
+
+    def training_records(self, rollouts: list[dict], scores: list[dict]) -> list[dict]:
+        """Group advantages, optional dropping of uniform groups; one record per completion."""
+        import torch
+
+        from sari_ray import grpo
+
+        cfg = self.cfg
+        g = cfg.grpo.num_generations
+        rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float32)
+        advantages = grpo.compute_advantages(rewards, g, scale_rewards=cfg.grpo.scale_rewards)
+        keep = ~grpo.uniform_group_mask(rewards, g) if cfg.grpo.drop_uniform_groups else torch.ones(len(rollouts), dtype=torch.bool)
+        records = []
+        for p, rollout in enumerate(rollouts):
+            if not keep[p]:
+                continue
+            sample = self.by_id[rollout["sample_id"]]
+            for k, c in enumerate(rollout["completions"]):
+                records.append({"prompt": rollout["prompt"], "audio": sample.audio, "completion_ids": c["token_ids"],
+                                "sampling_logprobs": c["logprobs"], "advantage": float(advantages[p * g + k]),
+                                "truncated": c["finish_reason"] == "length", "weight": 1.0})
+        return records
+
+    def _shard_for_learners(self, rows: list[dict]) -> list[list[dict]]:
+        """Equal-size shards (zero-weight padding) so every rank runs the same number of micro-batches."""
+        from sari_ray.actors.wiring import split_evenly
+
+        n = len(self.learners)
+        pad = (-len(rows)) % n
+        rows = rows + [{**rows[i % len(rows)], "weight": 0.0, "_weight": 0.0} for i in range(pad)]
+        return split_evenly(rows, n)
+
+    def sync_weights(self) -> dict[str, float]:
+        """Learner rank 0 -> object store (bucketed) -> every rollout worker reloads in place."""
+        import ray
+
+        t0 = time.perf_counter()
+        bucket = int(self.cfg.learner.sync_bucket_mb * 2**20)
+        refs = ray.get(self.learners.actors[0].export_weight_bucket_refs.remote(bucket))
+        self.state["weight_version"] += 1
+        results = self.rollout.call("load_weights", refs, self.state["weight_version"])
+        return {"bytes": float(results[0]["bytes"]), "seconds": time.perf_counter() - t0, "buckets": len(refs)}
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy held-out accuracy by tier, with real and (optionally) silent audio."""
+        from sari_ray.mmau import judge
+
+        cfg = self.cfg
+        samples = self.eval_set[: cfg.eval.max_samples]
+        out: dict[str, float] = {}
+        modes = [("eval", "real")] + ([("eval_silent", "silence")] if cfg.eval.silent_audio else [])
+        for prefix, mode in modes:
+            results = self.generate(samples, step=0, audio_mode=mode, greedy=True)
+            correct = [judge(r["completions"][0]["text"], s.choices, s.answer) for r, s in zip(results, samples)]
+            out.update(metrics_lib.accuracy_by_tier(correct, [s.tier or 0 for s in samples], prefix))
+        return out
+
+    # ------------------------------------------------------------------ checkpoints and end
+    def save_checkpoint(self) -> Path:
+        import ray
+
+        s = self.state
+        directory = self.out / CHECKPOINTS / f"step_{s['step']:06d}"
+        directory.mkdir(parents=True, exist_ok=True)
+        s["curriculum"] = ray.get(self.curriculum.state_dict.remote())
+        self.learners.call("save_checkpoint", str(directory))
+        (directory / "trainer_state.json").write_text(json.dumps(s, indent=1))  # last: marks it complete
+        keep = self.cfg.checkpoint.keep_last
+        for old in sorted((self.out / CHECKPOINTS).glob("step_*"))[:-keep]:
+            if old.name != "step_000000":  # the SFT checkpoint stays for sweeps
+                _rmtree(old)
+        return directory
+
+    def _log_batch(self, step: int, ids: list[str]) -> None:
+        with open(self.out / "batches.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "ids": ids}) + "\n")
+
+    def _rng(self) -> np.random.Generator:
+        rng = np.random.default_rng()
+        rng.bit_generator.state = self.state["rng"]
+        return rng
+
+    def finish(self, seconds: float) -> dict[str, Any]:
+        final = self.evaluate()
+        self.tracker.log_metrics(final, self.state["step"])
+        self.tracker.log_dict(self.state.get("promotions", []), "curriculum_history.json")
+        summary = {"seconds": seconds, "grpo_steps": self.state["step"], "sft_steps": self.state["sft_step"],
+                   "promotions": self.state.get("promotions", []), "final_eval": final,
+                   "after_sft_eval": next((h for h in self.state["history"] if h["step"] == 0), None),
+                   "mlflow_run_id": self.tracker.run_id, "tracking_uri": self.tracker.tracking_uri,
+                   "output_dir": str(self.out)}
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        self.tracker.log_dict(summary, "summary.json")
+        self.tracker.finish()
+        return summary
+
+    def shutdown(self) -> None:
+        import ray
+
+        try:
+            self.rollout.call("shutdown")
+        finally:
+            ray.shutdown()
+
+
+# ---------------------------------------------------------------------- helpers
+def prepare_data(cfg, console) -> tuple[list[AudioMCQ], list[AudioMCQ]]:
+    """Read and validate train and eval sets before anything starts (all problems listed at once)."""
+    from sari_ray.data.readers import read_samples, split_samples
+    from sari_ray.data.validate import validate_samples
+
+    train_path = Path(cfg.data.train)
+    if not train_path.exists() and cfg.data.synth_if_missing:
+        from sari_ray.data.synth import synthesize
+
+        console.print(f"synthesising {cfg.data.synth_if_missing} questions at {train_path.parent}")
+        produced = synthesize(train_path.parent, n=cfg.data.synth_if_missing, seed=cfg.run.seed,
+                              tiers=cfg.curriculum.num_tiers)
+        if Path(produced) != train_path:
+            raise ConfigError(f"data.train={train_path} but the generator writes {produced}; point data.train there")
+
+    def load(path: str):
+        rows = read_samples(path, cfg.data.format, cfg.data.audio_dir)
+        report = validate_samples(rows, check_audio=True, policy=cfg.data.invalid_rows,
+                                  num_tiers=cfg.curriculum.num_tiers, source=path)
+        console.print(report.summary())
+        return report.samples
+
+    train = load(cfg.data.train)
+    if cfg.data.eval:
+        evaluation = load(cfg.data.eval)
+    else:
+        train, evaluation = split_samples(train, cfg.data.eval_fraction, cfg.run.seed)
+    if not train:
+        raise ConfigError(f"data.train={cfg.data.train}: no valid training samples")
+    return train, evaluation
+
+
+def prepare_model(cfg) -> str:
+    path = Path(cfg.model.path)
+    if not path.exists():
+        if not cfg.model.build_tiny_if_missing:
+            raise ConfigError(f"model.path={path} does not exist (set model.build_tiny_if_missing=true for a tiny "
+                              f"random model, or run `sari-ray model tiny --arch qwen2-audio --out {path}`)")
+        from sari_ray.models.tiny import build_tiny
+
+        arch = "qwen2-audio" if cfg.model.arch == "auto" else cfg.model.arch
+        build_tiny(arch, path, seed=cfg.run.seed)
+    return str(path.resolve())
+
+
+def ray_init_kwargs(cfg) -> dict[str, Any]:
+    """Attach to a cluster if one is named (or we run inside a submitted job), else start a local one whose
+    custom resources cover the configured actors."""
+    import os
+
+    if cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
+        return {"address": cfg.cluster.address or os.environ["RAY_ADDRESS"], "log_to_driver": True}
+    resources: dict[str, float] = {}
+    for group in (cfg.rollout, cfg.learner):
+        for name, amount in group.resources.items():
+            resources[name] = resources.get(name, 0.0) + amount * group.num_workers
+    needed = cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker + cfg.learner.num_workers * cfg.learner.num_cpus_per_worker
+    return {"num_cpus": cfg.cluster.num_cpus or needed, "resources": resources, "include_dashboard": False,
+            "log_to_driver": True}
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    done = [p for p in sorted((out / CHECKPOINTS).glob("step_*")) if (p / "trainer_state.json").exists()]
+    return done[-1] if done else None
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _get(ref):
+    import ray
+
+    return ray.get(ref)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=False, highlight=False)
+
+
+def _progress(console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False)
+
+
+def _progress_line(step: int, m: dict[str, float]) -> str:
+    return (f"grpo step {step} | reward {m['reward/mean']:.2f} | acc {m['reward/accuracy']:.2f} | "
+            f"tier {int(m.get('curriculum/tier', 0))} | {m['throughput/completions_per_s']:.1f} compl/s")
+
+
+def print_summary(console, summary: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title="sari-ray run summary")
+    table.add_column("figure")
+    table.add_column("value")
+    table.add_row("wall time", f"{summary['seconds']:.0f} s")
+    table.add_row("steps", f"SFT {summary['sft_steps']}, GRPO {summary['grpo_steps']}")
+    for p in summary["promotions"]:
+        table.add_row("promotion", f"step {p['step']}: tier {p['from_tier']} -> {p['to_tier']}")
+    for name, value in sorted(summary["final_eval"].items()):
+        table.add_row(name, f"{value:.3f}")
+    table.add_row("MLflow", f"run {summary['mlflow_run_id']} ({summary['tracking_uri']})")
+    console.print(table)
+
+
+def run_training(configs: list[str], overrides: list[str]) -> dict[str, Any]:
+    cfg = load_config(configs, overrides)
+    trainer = Trainer(cfg)
+    try:
+        summary = trainer.fit()
+    except BaseException:
+        trainer.tracker.finish("FAILED")
+        raise
+    finally:
+        trainer.shutdown()
+    print_summary(trainer.console, summary)
+    return summary
+
+
+def register_cli(subparsers) -> None:
+    train = subparsers.add_parser("train", help="SFT warm-up + curriculum GRPO from YAML config(s)")
+    train.add_argument("args", nargs="+", metavar="CONFIG.yaml [OVERLAY.yaml ...] [key=value ...]",
+                       help="base config, optional ablation overlays, then overrides such as grpo.steps=10")
+    train.set_defaults(func=lambda a: _cli(a.args))
+    demo = subparsers.add_parser("demo", help="train configs/demo_cpu.yaml (tiny model, synthetic data, CPU)")
+    demo.add_argument("overrides", nargs="*")
+    demo.set_defaults(func=lambda a: _cli([str(demo_config_path()), *a.overrides]))
+
+
+def demo_config_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "configs" / "demo_cpu.yaml"
+
+
+def _cli(args: list[str]) -> int:
+    """`CONFIG.yaml [OVERLAY.yaml ...] [key=value ...]`: files first, then overrides."""
+    configs = [a for a in args if a.endswith((".yaml", ".yml")) and "=" not in a]
+    overrides = [a for a in args if a not in configs]
+    try:
+        run_training(configs, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_cli(sys.argv[1:]) if len(sys.argv) > 1 else print(__doc__) or 2)

@@ -1,0 +1,104 @@
+"""Services the integration tests start themselves on 127.0.0.1 and stop by pid, and one short real training
+run (tiny model, synthetic data, 2 DeepSpeed learners, 1 vLLM rollout worker, Ray, an MLflow server) that
+several tests read."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, seconds: float = 120.0) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process {proc.args} exited with {proc.returncode}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {seconds} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on 127.0.0.1 (sqlite backend, local artifacts)."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
+        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_port(port, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+
+
+def short_run_overrides(out: Path, data: Path, model: Path) -> list[str]:
+    """A few SFT and GRPO steps on a tiny model; small enough for CI on 2 cores."""
+    return [f"run.output_dir={out}", "run.name=it", f"model.path={model}", f"data.train={data}",
+            "data.eval_fraction=0.25", "sft.steps=2", "sft.batch_size=4", "grpo.steps=4", "grpo.prompts_per_step=4",
+            "grpo.num_generations=2", "grpo.max_completion_length=24", "learner.micro_batch_size=4",
+            "checkpoint.every=2", "eval.max_samples=8", "tracking.completions_table_every=2",
+            "curriculum.promote_threshold=1.0", "curriculum.min_steps_at_tier=1000", "rollout.max_model_len=1024"]
+
+
+@pytest.fixture(scope="session")
+def short_training_run(tmp_path_factory, mlflow_server, tiny_qwen2_audio, synth_data):
+    """(tracking_uri, run_id, output_dir, per-step checks) of a short real run logged to the MLflow server."""
+    from sari_ray.config import load_config
+    from sari_ray.train import Trainer
+
+    out = tmp_path_factory.mktemp("short-run")
+    cfg = load_config(REPO / "configs" / "demo_cpu.yaml",
+                      short_run_overrides(out, synth_data, tiny_qwen2_audio) + [f"tracking.tracking_uri={mlflow_server}"])
+    trainer = Trainer(cfg)
+    checks = []
+    try:
+        trainer.sft()
+        checks.append(sync_check(trainer, "after-sft"))
+        while trainer.state["step"] < cfg.grpo.steps:
+            trainer.state["step"] += 1
+            metrics = trainer.grpo_step(trainer.state["step"])
+            checks.append({**sync_check(trainer, trainer.state["step"]), "metrics": metrics})
+            if trainer.state["step"] % cfg.checkpoint.every == 0:
+                trainer.save_checkpoint()
+        summary = trainer.finish(0.0)
+    finally:
+        trainer.shutdown()
+    return {"tracking_uri": mlflow_server, "run_id": summary["mlflow_run_id"], "output_dir": out,
+            "checks": checks, "summary": summary}
+
+
+def sync_check(trainer, label) -> dict:
+    learner = trainer.learners.call("weights_checksum")
+    rollout = trainer.rollout.call("weights_checksum")
+    versions = trainer.rollout.call("weight_version")
+    return {"label": label, "learner": learner, "rollout": rollout, "versions": versions,
+            "expected_version": trainer.state["weight_version"]}
