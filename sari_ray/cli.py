@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "sari_ray.train",  # train, demo
     "sari_ray.evaluate",  # eval
     "sari_ray.deploy.kuberay",  # deploy kuberay
+    "sari_ray.benchmarks",  # bench learner-step
 )
 
 
