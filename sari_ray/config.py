@@ -80,6 +80,8 @@ class RolloutConfig:
     top_p: float = 1.0
     max_model_len: int = 2048
     gpu_memory_utilization: float = 0.3  # on CPU: fraction of RAM for the KV cache
+    kv_cache_memory_gb: float | None = None  # KV cache size outright (wins over gpu_memory_utilization); on CPU
+    # vLLM counts other processes' memory against the fraction, so several engines + learners need this
     enforce_eager: bool = True
 
 

@@ -80,6 +80,8 @@ class Trainer:
             engine_kwargs = dict(seed=cfg.run.seed, max_model_len=cfg.rollout.max_model_len, dtype=cfg.model.dtype,
                                  tensor_parallel_size=cfg.rollout.tensor_parallel_size,
                                  gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                                 kv_cache_memory_bytes=(int(cfg.rollout.kv_cache_memory_gb * 2**30)
+                                                        if cfg.rollout.kv_cache_memory_gb else None),
                                  enforce_eager=cfg.rollout.enforce_eager, device=cfg.run.device)
             self.rollout = wiring.start_rollout_workers(cfg, self.model_path, engine_kwargs)
             self.learners = wiring.start_learners(cfg, dict(

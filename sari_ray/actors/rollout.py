@@ -53,9 +53,9 @@ class RolloutWorker:
         t0 = time.perf_counter()
         buckets = [ray.get(ref) for ref in bucket_refs]
         fetched = time.perf_counter() - t0
-        result = self.engine.load_weights(buckets, version)
-        return {"bytes": sum(len(b) for b in buckets), "fetch_s": fetched, "total_s": time.perf_counter() - t0,
-                "version": version, **({} if not isinstance(result, dict) else result)}
+        loaded_bytes, load_s = self.engine.load_weights(buckets, version)
+        return {"bytes": loaded_bytes, "fetch_s": fetched, "load_s": load_s, "total_s": time.perf_counter() - t0,
+                "version": version}
 
     def weights_checksum(self) -> float:
         return self.engine.weights_checksum()
