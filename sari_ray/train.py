@@ -371,8 +371,9 @@ def ray_init_kwargs(cfg) -> dict[str, Any]:
         for name, amount in group.resources.items():
             resources[name] = resources.get(name, 0.0) + amount * group.num_workers
     needed = cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker + cfg.learner.num_workers * cfg.learner.num_cpus_per_worker
-    return {"num_cpus": cfg.cluster.num_cpus or needed, "resources": resources, "include_dashboard": False,
-            "log_to_driver": True}
+    # "local": always a fresh cluster; None would attach to any cluster recorded on this machine
+    return {"address": "local", "num_cpus": cfg.cluster.num_cpus or needed, "resources": resources,
+            "include_dashboard": False, "log_to_driver": True}
 
 
 def latest_checkpoint(out: Path) -> Path | None:

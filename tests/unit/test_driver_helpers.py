@@ -1,0 +1,41 @@
+"""Pure pieces of the driver: sharding, step metrics, local-cluster resources."""
+from pathlib import Path
+
+import pytest
+
+from sari_ray import metrics
+from sari_ray.actors.wiring import split_evenly
+from sari_ray.config import load_config
+from sari_ray.train import ray_init_kwargs
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("n, parts", [(10, 3), (3, 3), (2, 4), (0, 2), (17, 1)])
+def test_split_evenly_keeps_order_and_balances(n, parts):
+    shards = split_evenly(list(range(n)), parts)
+    assert len(shards) == parts and [x for s in shards for x in s] == list(range(n))
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_rollout_metrics_and_per_sample_accuracy():
+    scores = [{"reward": 2.0, "accuracy": 1.0, "format": 1.0}, {"reward": 0.0, "accuracy": 0.0, "format": 0.0},
+              {"reward": 1.0, "accuracy": 0.0, "format": 1.0}, {"reward": 1.0, "accuracy": 1.0, "format": 0.0}]
+    m = metrics.rollout_metrics(scores, [4, 6, 8, 10], [False, False, True, False], [0, 0, 1, 1])
+    assert m["reward/mean"] == 1.0 and m["reward/accuracy"] == 0.5 and m["reward/format"] == 0.5
+    assert m["completion/length_mean"] == 7.0 and m["completion/truncated_frac"] == 0.25
+    assert m["reward/accuracy_tier0"] == 0.5 and m["reward/accuracy_tier1"] == 0.5
+    assert metrics.per_sample_accuracy(["a", "a", "b", "b"], scores) == {"a": 0.5, "b": 0.5}
+    assert metrics.mean_over_ranks([{"x": 1.0}, {"x": 3.0}]) == {"x": 2.0}
+    by_tier = metrics.accuracy_by_tier([True, False, True], [0, 0, 2], "eval")
+    assert by_tier == {"eval/accuracy": pytest.approx(2 / 3), "eval/accuracy_tier0": 0.5, "eval/accuracy_tier2": 1.0}
+
+
+def test_local_cluster_offers_the_custom_resources_the_actors_request(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "demo_cpu.yaml", ["rollout.num_workers=3", "learner.num_workers=2"])
+    kwargs = ray_init_kwargs(cfg)
+    assert kwargs["address"] == "local"
+    assert kwargs["resources"] == {"rollout_slot": 3.0, "learner_slot": 2.0}
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    assert ray_init_kwargs(cfg)["address"] == "http://127.0.0.1:8265"
