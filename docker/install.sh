@@ -28,7 +28,7 @@ if [ -f "$STAMP" ]; then
 fi
 
 t0=$(date +%s)
-if [ "$PROFILE" = cpu ] && [ "${SARI_RAY_SKIP_APT:-0}" != 1 ] && ! ldconfig -p 2>/dev/null | grep -q libavcodec; then
+if [ "${SARI_RAY_SKIP_APT:-0}" != 1 ] && ! ldconfig -p 2>/dev/null | grep -q libavcodec; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "== installing FFmpeg libraries (apt)"
     apt-get update -qq
