@@ -135,7 +135,7 @@ class Trainer:
                 ids = [order[(start + i) % len(order)] for i in range(cfg.sft.batch_size)]
                 rows = [self.by_id[i].to_dict() for i in ids]
                 with self.phase("sft_step"):
-                    per_rank = self.learners.call_sharded("sft_step", self._shard_for_learners(rows),
+                    per_rank = self.learners.call_sharded("sft_step", self._shard_for_learners(rows, "_weight"),
                                                           cfg.sft.style, cfg.sft.learning_rate)
                 s["sft_step"] += 1
                 m = metrics_lib.mean_over_ranks(per_rank)
@@ -168,7 +168,7 @@ class Trainer:
         with self.phase("learn"):
             records = self.training_records(rollouts, scores)
             learn = metrics_lib.mean_over_ranks(self.learners.call_sharded(
-                "grpo_step", self._shard_for_learners(records), cfg.grpo.learning_rate)) if records else {}
+                "grpo_step", self._shard_for_learners(records, "weight"), cfg.grpo.learning_rate)) if records else {}
         with self.phase("sync"):
             sync = self.sync_weights()
         m = metrics_lib.rollout_metrics(scores, [len(c["token_ids"]) for c in completions],
@@ -231,13 +231,14 @@ class Trainer:
                                 "truncated": c["finish_reason"] == "length", "weight": 1.0})
         return records
 
-    def _shard_for_learners(self, rows: list[dict]) -> list[list[dict]]:
-        """Equal-size shards (zero-weight padding) so every rank runs the same number of micro-batches."""
+    def _shard_for_learners(self, rows: list[dict], weight_key: str) -> list[list[dict]]:
+        """Equal-size shards so every rank runs the same number of micro-batches: padding rows repeat real
+        ones with `weight_key` = 0 (no loss, no gradient)."""
         from sari_ray.actors.wiring import split_evenly
 
         n = len(self.learners)
         pad = (-len(rows)) % n
-        rows = rows + [{**rows[i % len(rows)], "weight": 0.0, "_weight": 0.0} for i in range(pad)]
+        rows = rows + [{**rows[i % len(rows)], weight_key: 0.0} for i in range(pad)]
         return split_evenly(rows, n)
 
     def sync_weights(self) -> dict[str, float]:

@@ -102,10 +102,12 @@ class DeepSpeedLearner:
         eos = self.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
         rows = []
         for row in samples:
+            row = dict(row)
+            weight = row.pop("_weight", 1.0)  # 0 for the driver's padding rows
             sample = AudioMCQ.from_dict(row)
             target = self.processor.tokenizer(sft_target(sample, PromptStyle(style)), add_special_tokens=False)
             rows.append({"prompt": self.render(sample, style), "audio": sample.audio,
-                         "completion_ids": target["input_ids"] + [eos], "weight": row.get("_weight", 1.0)})
+                         "completion_ids": target["input_ids"] + [eos], "weight": weight})
         total_tokens = sum(len(r["completion_ids"]) * r["weight"] for r in rows) or 1.0
 
         def micro_loss(batch_rows, batch):
