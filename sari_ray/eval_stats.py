@@ -1,0 +1,247 @@
+"""Evaluation statistics and the readable report: confidence intervals, pass@k, majority vote.
+
+Why intervals everywhere: MMAU test-mini has 1000 items, so a 2-point gap between two checkpoints is inside
+the noise (95% CI half-width ~3 points at 60%), and sub-categories of 20 items are far noisier still.
+R1-AQA's users chased run-to-run variance; a number without its interval invites that.
+
+Correctness is always the MMAU rule (`sari_ray.mmau.judge` / `score_predictions`), so these numbers agree
+with `sari-ray score` on the same predictions.
+
+Pure: no torch, no Ray, no vLLM.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sari_ray.data.schema import AudioMCQ
+from sari_ray.mmau import judge, score_predictions
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+GROUPS = ("by_task", "by_difficulty", "by_sub_category")
+GROUP_KEYS = {"by_task": "task", "by_difficulty": "difficulty", "by_sub_category": "sub_category"}
+AUDIO_MODES = ("real", "silence", "noise")  # report column order
+
+
+def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion.
+
+    Why Wilson and not the normal (Wald) interval: at small n or accuracy near 0 / 1 (small sub-categories,
+    tiny models) Wald gives zero-width or out-of-[0, 1] intervals; Wilson stays honest. n = 0 -> (0, 1).
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    if not 0 <= correct <= n:
+        raise ValueError(f"correct={correct} must be in [0, n={n}]")
+    p = correct / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    lo, hi = max(0.0, centre - half), min(1.0, centre + half)
+    return (0.0 if correct == 0 else lo), (1.0 if correct == n else hi)  # exact ends, no rounding slack
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k) (Chen et al. 2021).
+
+    Computed as a running product, which stays exact-ish where the binomials overflow floats.
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+def k_ladder(num_samples: int) -> list[int]:
+    """The k values reported for K samples: 1, 2, 4, ... and K itself."""
+    ks, k = [], 1
+    while k < num_samples:
+        ks.append(k)
+        k *= 2
+    return ks + [num_samples]
+
+
+def named_choice(output: str | None, choices: Sequence[str]) -> str | None:
+    """The one choice the MMAU rule would accept for this output, or None (no answer, or ambiguous)."""
+    hits = [c for c in choices if judge(output, choices, c)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def majority_vote(outputs: Sequence[str | None], choices: Sequence[str]) -> str | None:
+    """Most frequent choice among the outputs (each mapped to a choice by the MMAU rule).
+
+    Outputs naming no single choice abstain; a tie goes to the choice named first, so the vote is
+    deterministic. None when every output abstains (then the item counts as wrong).
+    """
+    named = [c for c in (named_choice(o, choices) for o in outputs) if c is not None]
+    if not named:
+        return None
+    counts = Counter(named)
+    best = max(counts.values())
+    return next(c for c in named if counts[c] == best)
+
+
+def add_ci(bucket: dict[str, Any]) -> dict[str, Any]:
+    lo, hi = wilson_interval(bucket["correct"], bucket["n"])
+    return {**bucket, "ci95": [lo, hi]}
+
+
+def scored(samples: Sequence[AudioMCQ], predictions: Mapping[str, str | None]) -> dict[str, Any]:
+    """`mmau.score_predictions` with a Wilson 95% interval added to the total and every group."""
+    metrics = score_predictions(samples, predictions)
+    metrics["total"] = add_ci(metrics["total"])
+    for group in GROUPS:
+        metrics[group] = {name: add_ci(b) for name, b in metrics[group].items()}
+    return metrics
+
+
+def _grouped_means(samples: Sequence[AudioMCQ], values: Sequence[float], key: str) -> dict[str, dict[str, Any]]:
+    sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for sample, v in zip(samples, values):
+        raw = getattr(sample, key)
+        acc = sums["unknown" if raw in (None, "") else str(raw)]  # same bucket names as mmau._grouped
+        acc[0] += v
+        acc[1] += 1
+    return {name: {"value": s / n, "n": n} for name, (s, n) in sorted(sums.items())}
+
+
+def pass_at_k_table(samples: Sequence[AudioMCQ], records: Sequence[Mapping[str, Any]], ks: Sequence[int]) -> dict:
+    """pass@k for each k: total and per group, from each record's `correct_all` (K verdicts)."""
+    by_id = {r["id"]: r for r in records}
+    out: dict[str, Any] = {"k": list(ks)}
+    for k in ks:
+        values = []
+        for s in samples:
+            verdicts = by_id[s.id]["correct_all"]
+            values.append(pass_at_k(len(verdicts), sum(verdicts), k))
+        entry = {"total": sum(values) / len(values) if values else 0.0}
+        for group in GROUPS:
+            entry[group] = _grouped_means(samples, values, GROUP_KEYS[group])
+        out[f"pass@{k}"] = entry
+    return out
+
+
+def summarize(samples: Sequence[AudioMCQ], records: Sequence[Mapping[str, Any]], *, num_samples: int = 1,
+              skipped: Sequence[Mapping[str, str]] = (), meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Metrics for the evaluated `samples` (skipped ones excluded, and said so).
+
+    `records` come from `evaluate.generate_predictions`. The headline accuracy is the first output per item
+    (the greedy one when K = 1). With K > 1 also pass@k and majority vote. `skipped` lists the items left
+    out for missing audio; the totals are over the rest, and `accuracy_if_skipped_wrong` is the
+    pessimistic number over every item of the file.
+    """
+    metrics = scored(samples, {r["id"]: r["model_output"] for r in records})
+    n_skipped = len(skipped)
+    total = metrics["total"]
+    metrics.update({
+        "n_items": len(samples) + n_skipped,
+        "n_evaluated": len(samples),
+        "n_skipped_missing_audio": n_skipped,
+        "skipped": list(skipped),
+        "accuracy_if_skipped_wrong": total["correct"] / (total["n"] + n_skipped) if total["n"] + n_skipped else 0.0,
+        "n_no_answer": sum(r["extracted"] is None for r in records),
+        "n_length_cut": sum(r.get("finish_reason") == "length" for r in records),
+        "num_samples": num_samples,
+    })
+    if num_samples > 1:
+        by_id = {r["id"]: r for r in records}
+        votes = {s.id: majority_vote(by_id[s.id]["outputs"], s.choices) for s in samples}
+        vote_metrics = scored(samples, votes)
+        metrics["majority_vote"] = {key: vote_metrics[key] for key in ("total", *GROUPS)}
+        metrics["pass_at_k"] = pass_at_k_table(samples, records, k_ladder(num_samples))
+    metrics["meta"] = dict(meta or {})
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------- report
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _cell(bucket: Mapping[str, Any] | None, n_ref: int | None) -> str:
+    if bucket is None:
+        return "—"
+    lo, hi = bucket["ci95"]
+    text = f"{_pct(bucket['accuracy'])} [{_pct(lo)}, {_pct(hi)}]"
+    return text if bucket["n"] == n_ref else f"{text} (n={bucket['n']})"
+
+
+def _table(title: str, label: str, rows: Mapping[str, Mapping[str, Mapping[str, Any] | None]],
+           modes: Sequence[str]) -> list[str]:
+    """rows: name -> mode -> bucket. Columns: n (of the first mode), one per mode, and real − silence."""
+    delta = "real" in modes and "silence" in modes
+    head = [label, "n", *(f"{m} acc % [95% CI]" for m in modes)] + (["Δ real − silence (pts)"] if delta else [])
+    lines = [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, per_mode in rows.items():
+        first = next((b for b in per_mode.values() if b is not None), None)
+        n_ref = first["n"] if first else None
+        cells = [name, str(n_ref if n_ref is not None else 0)] + [_cell(per_mode.get(m), n_ref) for m in modes]
+        if delta:
+            r, s = per_mode.get("real"), per_mode.get("silence")
+            cells.append(f"{100 * (r['accuracy'] - s['accuracy']):+.1f}" if r and s else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _describe(mode: str, m: Mapping[str, Any]) -> list[str]:
+    meta = m.get("meta", {})
+    sampling = (f"{m['num_samples']} samples at temperature {meta.get('temperature')}" if m["num_samples"] > 1
+                else f"1 sample, temperature {meta.get('temperature')}")
+    lines = [
+        f"- **{mode}** audio: model `{meta.get('model')}`, data `{meta.get('data')}`, style "
+        f"`{meta.get('style')}`, {sampling}, max_tokens {meta.get('max_tokens')}; "
+        f"{m['n_evaluated']} of {m['n_items']} items evaluated; {m['n_no_answer']} gave no answer, "
+        f"{m['n_length_cut']} hit max_tokens; {meta.get('elapsed_s', 0):.0f} s ({meta.get('created', '')})."
+    ]
+    if m["n_skipped_missing_audio"]:
+        lines.append(
+            f"  > **{m['n_skipped_missing_audio']} items skipped (audio file missing)**: the {mode} totals are "
+            f"over {m['n_evaluated']} of {m['n_items']} items. Counting the skipped items as wrong gives "
+            f"{_pct(m['accuracy_if_skipped_wrong'])}%. Skipped ids are listed in the metrics file.")
+    return lines
+
+
+def render_report(by_mode: Mapping[str, Mapping[str, Any]]) -> str:
+    """report.md for one out dir: every audio mode evaluated there (real / silence / noise) side by side."""
+    modes = [m for m in AUDIO_MODES if m in by_mode] + [m for m in by_mode if m not in AUDIO_MODES]
+    first = by_mode[modes[0]]
+    lines = ["# Evaluation report", ""]
+    for mode in modes:
+        lines += _describe(mode, by_mode[mode])
+    lines += [
+        "",
+        f"Scoring: {first.get('rule', 'MMAU rule')}. Items without a usable answer count as wrong. "
+        f"Answer revision: {first.get('revision', 'unknown')} ({first.get('revision_note', '')}). "
+        "Intervals: Wilson 95%. The headline accuracy uses the first output per item.",
+        "",
+    ]
+    if "real" in by_mode and ("silence" in by_mode or "noise" in by_mode):
+        lines += ["The silence / noise columns replace every clip by silence or noise of the same duration: the "
+                  "accuracy that survives comes from the text alone; Δ is what the audio contributes.", ""]
+    lines += _table("Total", "", {"all": {m: by_mode[m]["total"] for m in modes}}, modes)
+    for group, title, label in (("by_task", "By task", "task"), ("by_difficulty", "By difficulty", "difficulty"),
+                                ("by_sub_category", "By sub-category", "sub-category")):
+        names = sorted({name for m in modes for name in by_mode[m][group]})
+        rows = {name: {m: by_mode[m][group].get(name) for m in modes} for name in names}
+        lines += _table(title, label, rows, modes)
+    for mode in modes:
+        m = by_mode[mode]
+        if m.get("num_samples", 1) > 1 and "pass_at_k" in m:
+            lines += [f"## Sampling ({mode} audio, K = {m['num_samples']})", "",
+                      "| metric | all | " + " | ".join(m["by_task"]) + " |",
+                      "|" + "---|" * (2 + len(m["by_task"]))]
+            for k in m["pass_at_k"]["k"]:
+                e = m["pass_at_k"][f"pass@{k}"]
+                tasks = [_pct(e["by_task"][t]["value"]) if t in e["by_task"] else "—" for t in m["by_task"]]
+                lines.append(f"| pass@{k} | {_pct(e['total'])} | " + " | ".join(tasks) + " |")
+            mv = m["majority_vote"]
+            tasks = [_cell(mv["by_task"].get(t), m["by_task"][t]["n"]) for t in m["by_task"]]
+            lines += [f"| majority vote [95% CI] | {_cell(mv['total'], mv['total']['n'])} | " + " | ".join(tasks)
+                      + " |", ""]
+    return "\n".join(lines)
