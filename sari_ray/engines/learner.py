@@ -18,7 +18,7 @@ import torch
 from sari_ray import grpo
 from sari_ray.data.audio import load_audio
 from sari_ray.data.schema import AudioMCQ
-from sari_ray.engines.weight_buckets import export_weight_buckets
+from sari_ray.engines.weight_buckets import export_weight_buckets, hf_to_checkpoint_names, tensors_checksum
 from sari_ray.models import policy as policy_lib
 from sari_ray.prompts import PromptStyle, build_messages, render_prompt, sft_target
 
@@ -222,12 +222,21 @@ class DeepSpeedLearner:
                 return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
         return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
+    def _engine_state_dict(self) -> dict[str, torch.Tensor]:
+        """What the rollout engines hold: an Omni engine serves audio only and builds no vision tower."""
+        state = self._full_state_dict()
+        if self.arch == "qwen2.5-omni":
+            state = {k: v for k, v in state.items()
+                     if not hf_to_checkpoint_names(k, self.arch).startswith("thinker.visual.")}
+        return state
+
     def export_weight_buckets(self, bucket_bytes: int) -> list[bytes]:
-        """The whole model as safetensors buckets in the published checkpoint layout (for the engines)."""
-        return export_weight_buckets(self._full_state_dict(), bucket_bytes, arch=self.arch)
+        """The model as safetensors buckets in the published checkpoint layout (for the engines)."""
+        return export_weight_buckets(self._engine_state_dict(), bucket_bytes, arch=self.arch)
 
     def weights_checksum(self) -> float:
-        return float(sum(p.detach().double().sum() for p in self.engine.module.parameters()))
+        """Comparable with `VLLMEngine.weights_checksum` (same tensors, float64 sum)."""
+        return tensors_checksum(self._engine_state_dict().values())
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self, directory: str, client_state: dict[str, Any] | None = None) -> None:
@@ -243,8 +252,6 @@ class DeepSpeedLearner:
     def save_model(self, directory: str) -> None:
         """A checkpoint that vLLM and `sari-ray eval` load: published layout, safetensors, processor."""
         from safetensors.torch import save_file
-
-        from sari_ray.engines.weight_buckets import hf_to_checkpoint_names
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
