@@ -198,16 +198,15 @@ class Trainer:
                                    f"completions/step_{step:06d}.json")
         return m
 
-    def generate(self, samples: list[AudioMCQ], step: int, audio_mode: str = "real", greedy: bool = False) -> list[dict]:
+    def generate(self, samples: list[AudioMCQ], step: int) -> list[dict]:
         """Prompts spread across rollout workers (adding workers raises throughput)."""
         from sari_ray.actors.wiring import split_evenly
 
         cfg = self.cfg
         shards = split_evenly([s.to_dict() for s in samples], len(self.rollout))
         per_worker = self.rollout.call_sharded(
-            "generate", shards, cfg.prompt.style, n=1 if greedy else cfg.grpo.num_generations,
-            temperature=0.0 if greedy else cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-            max_tokens=cfg.grpo.max_completion_length, seed=cfg.run.seed * 1_000_003 + step, audio_mode=audio_mode)
+            "generate", shards, cfg.prompt.style, n=cfg.grpo.num_generations, temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p, max_tokens=cfg.grpo.max_completion_length, seed=cfg.run.seed * 1_000_003 + step)
         return [r for shard in per_worker for r in shard]
 
     def training_records(self, rollouts: list[dict], scores: list[dict]) -> list[dict]:
@@ -254,16 +253,18 @@ class Trainer:
         return {"bytes": float(results[0]["bytes"]), "seconds": time.perf_counter() - t0, "buckets": len(refs)}
 
     def evaluate(self) -> dict[str, float]:
-        """Greedy held-out accuracy by tier, with real and (optionally) silent audio."""
-        from sari_ray.mmau import judge
+        """Greedy held-out accuracy by tier, with real and (optionally) silent audio, across rollout workers."""
+        from sari_ray.actors.wiring import split_evenly
 
         cfg = self.cfg
         samples = self.eval_set[: cfg.eval.max_samples]
+        shards = split_evenly([s.to_dict() for s in samples], len(self.rollout))
         out: dict[str, float] = {}
         modes = [("eval", "real")] + ([("eval_silent", "silence")] if cfg.eval.silent_audio else [])
         for prefix, mode in modes:
-            results = self.generate(samples, step=0, audio_mode=mode, greedy=True)
-            correct = [judge(r["completions"][0]["text"], s.choices, s.answer) for r, s in zip(results, samples)]
+            per_worker = self.rollout.call_sharded("evaluate", shards, cfg.prompt.style,
+                                                   max_tokens=cfg.grpo.max_completion_length, audio_mode=mode)
+            correct = [bool(r["correct"]) for shard in per_worker for r in shard]
             out.update(metrics_lib.accuracy_by_tier(correct, [s.tier or 0 for s in samples], prefix))
         return out
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 
-import numpy as np
-
 from sari_ray.data.audio import load_audio
 from sari_ray.data.schema import AudioMCQ
 from sari_ray.prompts import PromptStyle, build_messages, render_prompt
@@ -28,23 +26,22 @@ class RolloutWorker:
         return self.start_seconds
 
     def generate(self, samples: list[dict], style: str, *, n: int, temperature: float, top_p: float,
-                 max_tokens: int, seed: int, audio_mode: str = "real") -> list[dict]:
+                 max_tokens: int, seed: int) -> list[dict]:
         """G completions per sample: ids, sampling log-probs, finish reasons, the weight version used."""
         parsed = [AudioMCQ.from_dict(row) for row in samples]
         prompts = [render_prompt(build_messages(s, PromptStyle(style)), self.processor) for s in parsed]
-        audios = [self._audio(s.audio, audio_mode) for s in parsed]
+        audios = [load_audio(s.audio, max_seconds=self.max_audio_seconds).samples for s in parsed]
         outputs = self.engine.generate(prompts, audios, n=n, temperature=temperature, top_p=top_p,
                                        max_tokens=max_tokens, seed=seed)
         return [{"sample_id": s.id, "prompt": p, "completions": [asdict(c) for c in comps]}
                 for s, p, comps in zip(parsed, prompts, outputs)]
 
-    def _audio(self, path: str, audio_mode: str) -> np.ndarray:
-        samples = load_audio(path, max_seconds=self.max_audio_seconds).samples
-        if audio_mode == "silence":
-            return np.zeros_like(samples)
-        if audio_mode == "noise":
-            return np.random.default_rng(0).normal(0, 0.1, samples.shape).astype(np.float32)
-        return samples
+    def evaluate(self, samples: list[dict], style: str, *, max_tokens: int, audio_mode: str = "real") -> list[dict]:
+        """Greedy held-out predictions (id, extracted, correct), the same path as `sari-ray eval`."""
+        from sari_ray.evaluate import generate_predictions
+
+        return generate_predictions(self.engine, self.processor, [AudioMCQ.from_dict(r) for r in samples],
+                                    style=style, max_tokens=max_tokens, audio_mode=audio_mode, progress=False)
 
     def load_weights(self, bucket_refs: list, version: int) -> dict:
         """Reload in place from object-store buckets (one engine call per bucket)."""
