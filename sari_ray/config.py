@@ -9,6 +9,7 @@ scale_rewards, loss_type, num_iterations, mask_truncated_completions, max_comple
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,14 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sari_ray.grpo import GRPOSettings
+
+
+def _now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+# `${now:%Y%m%d-%H%M%S}` in a path: a fresh run directory per invocation (the demo uses it).
+OmegaConf.register_resolver("now", _now, use_cache=True, replace=True)
 
 
 class ConfigError(ValueError):

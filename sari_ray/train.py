@@ -52,7 +52,7 @@ class Trainer:
     def _initial_state(self) -> dict[str, Any]:
         rng = np.random.default_rng(self.cfg.run.seed)
         return {"phase": "sft", "sft_step": 0, "step": 0, "weight_version": 0, "mlflow_run_id": None,
-                "curriculum": None, "rng": rng.bit_generator.state, "sft_order": None, "history": []}
+                "curriculum": None, "rng": rng.bit_generator.state, "sft_order": None, "history": [], "curve": []}
 
     def _start_tracking(self) -> None:
         from sari_ray.engines.tracking import Tracker
@@ -181,6 +181,7 @@ class Trainer:
         m.update({"sync/bytes": sync["bytes"], "sync/seconds": sync["seconds"], "learn/records": len(records),
                   "throughput/completions_per_s": len(completions) / max(self.timings["time/rollout"], 1e-9),
                   "rollout/weight_version": min(c["weight_version"] for c in completions)})
+        self.state["curve"].append([step, m["reward/mean"], m["throughput/completions_per_s"], sync["seconds"]])
         if promotion is not None:
             event = promotion.to_dict()
             self.state.setdefault("promotions", []).append(event)
@@ -297,7 +298,12 @@ class Trainer:
         final = self.evaluate()
         self.tracker.log_metrics(final, self.state["step"])
         self.tracker.log_dict(self.state.get("promotions", []), "curriculum_history.json")
+        curve = self.state["curve"]
+        quarter = max(1, len(curve) // 4)
         summary = {"seconds": seconds, "grpo_steps": self.state["step"], "sft_steps": self.state["sft_step"],
+                   "reward_first_quarter": _mean([c[1] for c in curve[:quarter]]),
+                   "reward_last_quarter": _mean([c[1] for c in curve[-quarter:]]),
+                   "completions_per_s": _mean([c[2] for c in curve]), "sync_seconds": _mean([c[3] for c in curve]),
                    "promotions": self.state.get("promotions", []), "final_eval": final,
                    "after_sft_eval": next((h for h in self.state["history"] if h["step"] == 0), None),
                    "mlflow_run_id": self.tracker.run_id, "tracking_uri": self.tracker.tracking_uri,
@@ -384,6 +390,10 @@ def latest_checkpoint(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
 def _rmtree(path: Path) -> None:
     import shutil
 
@@ -423,9 +433,18 @@ def print_summary(console, summary: dict[str, Any]) -> None:
     table.add_row("wall time", f"{summary['seconds']:.0f} s")
     table.add_row("steps", f"SFT {summary['sft_steps']}, GRPO {summary['grpo_steps']}")
     for p in summary["promotions"]:
-        table.add_row("promotion", f"step {p['step']}: tier {p['from_tier']} -> {p['to_tier']}")
-    for name, value in sorted(summary["final_eval"].items()):
-        table.add_row(name, f"{value:.3f}")
+        accs = ", ".join(f"tier {t}: {a:.2f}" for t, a in p["accuracies"].items())
+        table.add_row("promotion", f"step {p['step']}: tier {p['from_tier']} -> {p['to_tier']} ({accs})")
+    if summary["reward_first_quarter"] is not None:
+        table.add_row("GRPO mean reward", f"first quarter {summary['reward_first_quarter']:.3f} -> "
+                                          f"last quarter {summary['reward_last_quarter']:.3f}")
+        table.add_row("rollout throughput", f"{summary['completions_per_s']:.1f} completions/s")
+        table.add_row("weight sync", f"{summary['sync_seconds']:.3f} s per step")
+    evals = [("after SFT", summary["after_sft_eval"] or {}), ("final", summary["final_eval"])]
+    for label, figures in evals:
+        for name, value in sorted(figures.items()):
+            if name != "step":
+                table.add_row(f"{label} {name}", f"{value:.3f}")
     table.add_row("MLflow", f"run {summary['mlflow_run_id']} ({summary['tracking_uri']})")
     console.print(table)
 

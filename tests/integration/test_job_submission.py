@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -20,16 +22,18 @@ def ray_head(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     env.pop("RAY_ADDRESS", None)
     gcs_port, dashboard_port = free_port(), free_port()
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's unix socket paths must stay under 108 bytes
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--num-cpus=3",
-         "--resources=" + json.dumps({"rollout_slot": 1, "learner_slot": 1}), f"--temp-dir={tmp_path / 'ray'}"],
+         "--resources=" + json.dumps({"rollout_slot": 1, "learner_slot": 1}), f"--temp-dir={ray_tmp}"],
         env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for_port(dashboard_port, proc, seconds=180)
         yield {"address": f"http://127.0.0.1:{dashboard_port}", "env": env, "token": token}
     finally:
         stop(proc)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_training_and_logs_to_mlflow(ray_head, tmp_path, tiny_qwen2_audio, synth_data, mlflow_server):
@@ -53,15 +57,16 @@ def test_ray_job_submit_runs_training_and_logs_to_mlflow(ray_head, tmp_path, tin
     assert submit.returncode == 0, submit.stdout + submit.stderr
     job_id = next(w for w in (submit.stdout + submit.stderr).split() if w.startswith("raysubmit_")).strip("'\"")
     status, deadline = "", time.time() + 900
-    while time.time() < deadline:
-        status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", ray_head["address"], job_id],
-                                env=ray_head["env"], capture_output=True, text=True, timeout=120).stdout
-        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+    while time.time() < deadline:  # the CLI ends with "Job '<id>' succeeded" (or failed / stopped) when done
+        result = subprocess.run([str(BIN / "ray"), "job", "status", "--address", ray_head["address"], job_id],
+                                env=ray_head["env"], capture_output=True, text=True, timeout=120)
+        status = (result.stdout + result.stderr).lower()
+        if any(f"{job_id.lower()}' {s}" in status for s in ("succeeded", "failed", "stopped")):
             break
         time.sleep(5)
     logs = subprocess.run([str(BIN / "ray"), "job", "logs", "--address", ray_head["address"], job_id],
                           env=ray_head["env"], capture_output=True, text=True, timeout=120).stdout
-    assert "SUCCEEDED" in status, status + logs[-5000:]
+    assert f"{job_id.lower()}' succeeded" in status, status + logs[-5000:]
     client = MlflowClient(mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name("job-submit").experiment_id])
     assert [r.info.run_name for r in runs] == ["job-submit-test"]
