@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -55,7 +56,7 @@ def test_ray_job_submit_runs_training_and_logs_to_mlflow(ray_head, tmp_path, tin
         [str(BIN / "ray"), "job", "submit", "--address", ray_head["address"], "--no-wait", "--", *entrypoint],
         env=ray_head["env"], capture_output=True, text=True, timeout=300)
     assert submit.returncode == 0, submit.stdout + submit.stderr
-    job_id = next(w for w in (submit.stdout + submit.stderr).split() if w.startswith("raysubmit_")).strip("'\"")
+    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", submit.stdout + submit.stderr).group(0)  # output is colourised
     status, deadline = "", time.time() + 900
     while time.time() < deadline:  # the CLI ends with "Job '<id>' succeeded" (or failed / stopped) when done
         result = subprocess.run([str(BIN / "ray"), "job", "status", "--address", ray_head["address"], job_id],
