@@ -293,7 +293,7 @@ def _eval_command(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers: Any) -> None:
     """Add `eval` (single checkpoint, or `--run` for a checkpoint sweep)."""
-    p = subparsers.add_parser("eval", help="evaluate a checkpoint (MMAU rule, 95% CIs) or sweep a run's checkpoints",
+    p = subparsers.add_parser("eval", help="evaluate a checkpoint (MMAU rule, 95%% CIs) or sweep a run's checkpoints",
                               description=__doc__.splitlines()[0])
     p.add_argument("--model", help="HF checkpoint directory")
     p.add_argument("--data", help="questions: MMAU .json, R1-AQA or sari-ray jsonl (sweep default: the run's held-out set)")

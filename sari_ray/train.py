@@ -19,6 +19,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from sari_ray import metrics as metrics_lib
+from sari_ray.console import make_console, print_summary, progress_bar, progress_line
 from sari_ray.config import ConfigError, grpo_settings, load_config, to_flat_dict
 from sari_ray.data.schema import AudioMCQ
 
@@ -30,7 +31,7 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.run.output_dir).resolve()
         self.out.mkdir(parents=True, exist_ok=True)
-        self.console = _console()
+        self.console = make_console()
         self.timings: dict[str, float] = {}
         self.train_set, self.eval_set = prepare_data(cfg, self.console)  # fails here, before any actor
         self.by_id = {s.id: s for s in self.train_set}
@@ -111,12 +112,12 @@ class Trainer:
         t_start = time.perf_counter()
         if self.state["phase"] == "sft":
             self.sft()
-        with _progress(self.console) as progress:
+        with progress_bar(self.console) as progress:
             task = progress.add_task("grpo", total=cfg.grpo.steps, completed=self.state["step"])
             while self.state["step"] < cfg.grpo.steps:
                 self.state["step"] += 1
                 step_metrics = self.grpo_step(self.state["step"])
-                progress.update(task, advance=1, description=_progress_line(self.state["step"], step_metrics))
+                progress.update(task, advance=1, description=progress_line(self.state["step"], step_metrics))
                 if self.state["step"] % cfg.checkpoint.every == 0 or self.state["step"] == cfg.grpo.steps:
                     self.save_checkpoint()
         summary = self.finish(time.perf_counter() - t_start)
@@ -153,6 +154,7 @@ class Trainer:
 
     def grpo_step(self, step: int) -> dict[str, float]:
         cfg = self.cfg
+        self.timings = {}  # this step's phases only
         with self.phase("sample"):
             batch = _get(self.curriculum.next_batch.remote())
             samples = [self.by_id[i] for i in batch.ids]
@@ -177,11 +179,12 @@ class Trainer:
                                         [s.tier or 0 for s in expanded])
         m.update(learn)
         m.update(_get(self.curriculum.metrics.remote()))
-        m.update({k: v for k, v in self.timings.items() if k != "time/startup"})
+        m.update(self.timings)
         m.update({"sync/bytes": sync["bytes"], "sync/seconds": sync["seconds"], "learn/records": len(records),
                   "throughput/completions_per_s": len(completions) / max(self.timings["time/rollout"], 1e-9),
                   "rollout/weight_version": min(c["weight_version"] for c in completions)})
-        self.state["curve"].append([step, m["reward/mean"], m["throughput/completions_per_s"], sync["seconds"]])
+        self.state["curve"].append([step, m["reward/mean"], m["throughput/completions_per_s"], sync["seconds"],
+                                    int(m.get("curriculum/tier", 0))])
         if promotion is not None:
             event = promotion.to_dict()
             self.state.setdefault("promotions", []).append(event)
@@ -299,10 +302,8 @@ class Trainer:
         self.tracker.log_metrics(final, self.state["step"])
         self.tracker.log_dict(self.state.get("promotions", []), "curriculum_history.json")
         curve = self.state["curve"]
-        quarter = max(1, len(curve) // 4)
         summary = {"seconds": seconds, "grpo_steps": self.state["step"], "sft_steps": self.state["sft_step"],
-                   "reward_first_quarter": _mean([c[1] for c in curve[:quarter]]),
-                   "reward_last_quarter": _mean([c[1] for c in curve[-quarter:]]),
+                   "reward_by_tier": reward_trend_by_tier(curve),
                    "completions_per_s": _mean([c[2] for c in curve]), "sync_seconds": _mean([c[3] for c in curve]),
                    "promotions": self.state.get("promotions", []), "final_eval": final,
                    "after_sft_eval": next((h for h in self.state["history"] if h["step"] == 0), None),
@@ -390,6 +391,23 @@ def latest_checkpoint(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def reward_trend_by_tier(curve: list[list]) -> list[dict[str, Any]]:
+    """Mean GRPO reward over the first and last quarter of each stretch of steps at one tier (a promotion
+    resets the reward level, so a whole-run trend would mix tiers). curve rows: [step, reward, ..., tier]."""
+    segments: list[list[list]] = []
+    for row in curve:
+        if not segments or segments[-1][-1][-1] != row[-1]:
+            segments.append([])
+        segments[-1].append(row)
+    trend = []
+    for rows in segments:
+        quarter = max(1, len(rows) // 4)
+        trend.append({"tier": rows[0][-1], "steps": [rows[0][0], rows[-1][0]],
+                      "first_quarter": _mean([r[1] for r in rows[:quarter]]),
+                      "last_quarter": _mean([r[1] for r in rows[-quarter:]])})
+    return trend
+
+
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -404,49 +422,6 @@ def _get(ref):
     import ray
 
     return ray.get(ref)
-
-
-def _console():
-    from rich.console import Console
-
-    return Console(stderr=False, highlight=False)
-
-
-def _progress(console):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=False)
-
-
-def _progress_line(step: int, m: dict[str, float]) -> str:
-    return (f"grpo step {step} | reward {m['reward/mean']:.2f} | acc {m['reward/accuracy']:.2f} | "
-            f"tier {int(m.get('curriculum/tier', 0))} | {m['throughput/completions_per_s']:.1f} compl/s")
-
-
-def print_summary(console, summary: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    table = Table(title="sari-ray run summary")
-    table.add_column("figure")
-    table.add_column("value")
-    table.add_row("wall time", f"{summary['seconds']:.0f} s")
-    table.add_row("steps", f"SFT {summary['sft_steps']}, GRPO {summary['grpo_steps']}")
-    for p in summary["promotions"]:
-        accs = ", ".join(f"tier {t}: {a:.2f}" for t, a in p["accuracies"].items())
-        table.add_row("promotion", f"step {p['step']}: tier {p['from_tier']} -> {p['to_tier']} ({accs})")
-    if summary["reward_first_quarter"] is not None:
-        table.add_row("GRPO mean reward", f"first quarter {summary['reward_first_quarter']:.3f} -> "
-                                          f"last quarter {summary['reward_last_quarter']:.3f}")
-        table.add_row("rollout throughput", f"{summary['completions_per_s']:.1f} completions/s")
-        table.add_row("weight sync", f"{summary['sync_seconds']:.3f} s per step")
-    evals = [("after SFT", summary["after_sft_eval"] or {}), ("final", summary["final_eval"])]
-    for label, figures in evals:
-        for name, value in sorted(figures.items()):
-            if name != "step":
-                table.add_row(f"{label} {name}", f"{value:.3f}")
-    table.add_row("MLflow", f"run {summary['mlflow_run_id']} ({summary['tracking_uri']})")
-    console.print(table)
 
 
 def run_training(configs: list[str], overrides: list[str]) -> dict[str, Any]:

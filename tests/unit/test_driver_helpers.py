@@ -39,3 +39,14 @@ def test_local_cluster_offers_the_custom_resources_the_actors_request(monkeypatc
     assert kwargs["resources"] == {"rollout_slot": 3.0, "learner_slot": 2.0}
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
     assert ray_init_kwargs(cfg)["address"] == "http://127.0.0.1:8265"
+
+
+def test_reward_trend_is_reported_per_tier_stretch():
+    from sari_ray.train import reward_trend_by_tier
+
+    curve = [[1, 1.8, 0, 0, 0], [2, 1.9, 0, 0, 0], [3, 1.0, 0, 0, 1], [4, 1.2, 0, 0, 1], [5, 1.4, 0, 0, 1],
+             [6, 1.6, 0, 0, 1]]
+    trend = reward_trend_by_tier(curve)
+    assert [t["tier"] for t in trend] == [0, 1] and trend[1]["steps"] == [3, 6]
+    assert trend[1]["first_quarter"] == 1.0 and trend[1]["last_quarter"] == 1.6
+    assert reward_trend_by_tier([]) == []

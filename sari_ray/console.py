@@ -1,0 +1,48 @@
+"""Console output of a training run: a rich progress bar and the end-of-run summary table."""
+from __future__ import annotations
+
+from typing import Any
+
+
+def make_console():
+    from rich.console import Console
+
+    return Console(stderr=False, highlight=False)
+
+
+def progress_bar(console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False)
+
+
+def progress_line(step: int, m: dict[str, float]) -> str:
+    return (f"grpo step {step} | reward {m['reward/mean']:.2f} | acc {m['reward/accuracy']:.2f} | "
+            f"tier {int(m.get('curriculum/tier', 0))} | {m['throughput/completions_per_s']:.1f} compl/s")
+
+
+def print_summary(console, summary: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title="sari-ray run summary")
+    table.add_column("figure")
+    table.add_column("value")
+    table.add_row("wall time", f"{summary['seconds']:.0f} s")
+    table.add_row("steps", f"SFT {summary['sft_steps']}, GRPO {summary['grpo_steps']}")
+    for p in summary["promotions"]:
+        accs = ", ".join(f"tier {t}: {a:.2f}" for t, a in p["accuracies"].items())
+        table.add_row("promotion", f"step {p['step']}: tier {p['from_tier']} -> {p['to_tier']} ({accs})")
+    for t in summary["reward_by_tier"]:
+        table.add_row(f"GRPO reward, tier {t['tier']}", f"steps {t['steps'][0]}-{t['steps'][1]}: first quarter "
+                                                         f"{t['first_quarter']:.3f} -> last quarter {t['last_quarter']:.3f}")
+    if summary["completions_per_s"] is not None:
+        table.add_row("rollout throughput", f"{summary['completions_per_s']:.1f} completions/s")
+        table.add_row("weight sync", f"{summary['sync_seconds']:.3f} s per step")
+    evals = [("after SFT", summary["after_sft_eval"] or {}), ("final", summary["final_eval"])]
+    for label, figures in evals:
+        for name, value in sorted(figures.items()):
+            if name != "step":
+                table.add_row(f"{label} {name}", f"{value:.3f}")
+    table.add_row("MLflow", f"run {summary['mlflow_run_id']} ({summary['tracking_uri']})")
+    console.print(table)
