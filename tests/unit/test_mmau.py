@@ -233,7 +233,6 @@ def _run_score(argv: list[str]) -> int:
 
 
 def test_cli_score_end_to_end(items, tmp_path, capsys):
-    pytest.importorskip("sari_ray.data.readers", reason="sari_ray.data.readers not written yet")
     rows = [{"id": x["id"], "model_output": f"<answer>{x['answer']}</answer>"} for x in items[:900:2]]
     rows += [{"id": x["id"], "model_output": "(A)"} for x in items[1:900:2]]
     preds = _write_jsonl(tmp_path / "preds.jsonl", rows)
