@@ -12,16 +12,12 @@ def rollout_metrics(scores: list[dict], lengths: list[int], truncated: list[bool
     out = {
         "reward/mean": fmean(rewards),
         "reward/std": pstdev(rewards),
-        "reward/accuracy": fmean(s["accuracy"] for s in scores),
         "reward/format": fmean(s["format"] for s in scores),
         "completion/length_mean": fmean(lengths),
         "completion/length_max": float(max(lengths)),
         "completion/truncated_frac": fmean(float(t) for t in truncated),
     }
-    by_tier: dict[int, list[float]] = defaultdict(list)
-    for score, tier in zip(scores, tiers):
-        by_tier[tier].append(score["accuracy"])
-    out.update({f"reward/accuracy_tier{t}": fmean(v) for t, v in sorted(by_tier.items())})
+    out.update(accuracy_by_tier([s["accuracy"] for s in scores], tiers, "reward"))
     return out
 
 
@@ -38,7 +34,8 @@ def mean_over_ranks(per_rank: list[dict[str, float]]) -> dict[str, float]:
     return {k: fmean(r[k] for r in per_rank) for k in keys}
 
 
-def accuracy_by_tier(correct: list[bool], tiers: list[int], prefix: str) -> dict[str, float]:
+def accuracy_by_tier(correct: list[float], tiers: list[int], prefix: str) -> dict[str, float]:
+    """`prefix/accuracy` and `prefix/accuracy_tier{k}`; correct: 0/1 (or bools) per item."""
     by_tier: dict[int, list[float]] = defaultdict(list)
     for ok, tier in zip(correct, tiers):
         by_tier[tier].append(float(ok))

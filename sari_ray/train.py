@@ -127,11 +127,11 @@ class Trainer:
         """SARI's warm-up: imitate the style's reasoning targets before RL."""
         cfg, s = self.cfg, self.state
         if cfg.sft.steps > 0:
-            order = s["sft_order"] or [x.id for x in self.train_set]
-            if s["sft_order"] is None:
+            if s["sft_order"] is None:  # drawn once, then part of the checkpointed state
                 rng = self._rng()
-                order = [order[i] for i in rng.permutation(len(order))]
-                s["sft_order"], s["rng"] = order, rng.bit_generator.state
+                s["sft_order"] = [self.train_set[i].id for i in rng.permutation(len(self.train_set))]
+                s["rng"] = rng.bit_generator.state
+            order = s["sft_order"]
             while s["sft_step"] < cfg.sft.steps:
                 start = (s["sft_step"] * cfg.sft.batch_size) % len(order)
                 ids = [order[(start + i) % len(order)] for i in range(cfg.sft.batch_size)]
@@ -167,7 +167,6 @@ class Trainer:
         with self.phase("curriculum"):
             per_sample = metrics_lib.per_sample_accuracy([s.id for s in expanded], scores)
             promotion = _get(self.curriculum.update.remote(step, per_sample))
-            self.state["curriculum"] = _get(self.curriculum.state_dict.remote())
         with self.phase("learn"):
             records = self.training_records(rollouts, scores)
             learn = metrics_lib.mean_over_ranks(self.learners.call_sharded(

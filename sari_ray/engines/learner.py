@@ -110,11 +110,11 @@ class DeepSpeedLearner:
                          "completion_ids": target["input_ids"] + [eos], "weight": weight})
         total_tokens = sum(len(r["completion_ids"]) * r["weight"] for r in rows) or 1.0
 
-        def micro_loss(batch_rows, batch):
+        def micro_loss(batch_rows, batch, _index):
             logprobs, _ = policy_lib.completion_logprobs(self.engine.module, batch)
             weights = torch.tensor([r["weight"] for r in batch_rows], device=logprobs.device)[:, None]
             mask = batch["completion_mask"] * weights
-            return -(logprobs * mask).sum() / total_tokens, {"tokens": float(mask.sum())}
+            return -(logprobs * mask).sum() / total_tokens, {}
 
         metrics = self._accumulate(rows, micro_loss, learning_rate)
         return {"sft/loss": metrics["loss"], "sft/grad_norm": metrics["grad_norm"], "sft/lr": learning_rate,
@@ -163,18 +163,21 @@ class DeepSpeedLearner:
                 extra.update({"logprob_gap_vllm": float(gap) * share, "entropy": float(ent) * share})
                 return loss * share, extra
 
-            accum = self._accumulate(records, micro_loss, learning_rate, with_index=True)
+            accum = self._accumulate(records, micro_loss, learning_rate)
         out = {f"policy/{k}": v for k, v in accum.items() if k not in ("loss", "grad_norm")}
         out.update({"policy/loss": accum["loss"], "policy/grad_norm": accum["grad_norm"], "policy/lr": learning_rate,
                     "time/learn_rank": time.perf_counter() - t0})
         return out
 
-    def _accumulate(self, rows, micro_loss, learning_rate, with_index=False) -> dict[str, float]:
-        """Micro-batches of `rows` -> one optimizer step; returns summed metrics and the grad norm."""
+    def _micro_batches(self, n: int) -> list[list[int]]:
+        return [list(range(i, min(i + self.micro_batch_size, n))) for i in range(0, n, self.micro_batch_size)]
+
+    def _accumulate(self, rows, micro_loss, learning_rate) -> dict[str, float]:
+        """Micro-batches of `rows` -> one optimizer step; returns summed metrics and the grad norm.
+        micro_loss(batch_rows, batch, row_indices) -> (loss already weighted by its share, metrics)."""
         for group in self.engine.optimizer.param_groups:
             group["lr"] = learning_rate
-        chunks = [list(range(i, min(i + self.micro_batch_size, len(rows))))
-                  for i in range(0, len(rows), self.micro_batch_size)]
+        chunks = self._micro_batches(len(rows))
         self.engine.set_train_batch_size(self.micro_batch_size * len(chunks) * self.world_size)
         self.engine.train()
         totals: dict[str, float] = {"loss": 0.0}
@@ -182,7 +185,7 @@ class DeepSpeedLearner:
             batch_rows = [rows[j] for j in index]
             batch = self._batch(batch_rows)
             self.engine.set_gradient_accumulation_boundary(i == len(chunks) - 1)
-            loss, extra = micro_loss(batch_rows, batch, index) if with_index else micro_loss(batch_rows, batch)
+            loss, extra = micro_loss(batch_rows, batch, index)
             self.engine.backward(loss, scale_wrt_gas=False)
             totals["loss"] += float(loss.detach())
             for k, v in extra.items():
@@ -197,14 +200,16 @@ class DeepSpeedLearner:
         """(len(records), max_len) log-probs of each completion under `model`, zero-padded."""
         width = max(len(r["completion_ids"]) for r in records)
         out = torch.zeros(len(records), width)
-        for i in range(0, len(records), self.micro_batch_size):
-            rows = records[i: i + self.micro_batch_size]
+        for index in self._micro_batches(len(records)):
+            rows = [records[j] for j in index]
             logprobs, _ = policy_lib.completion_logprobs(model, self._batch(rows), temperature=self.temperature)
-            out[i: i + len(rows), : logprobs.shape[1]] = logprobs.float().cpu()
+            out[index, : logprobs.shape[1]] = logprobs.float().cpu()
         return out
 
     def _batch(self, rows: list[dict]) -> dict:
-        audios = [load_audio(r["audio"], max_seconds=self.max_audio_seconds).samples for r in rows]
+        clips = {path: load_audio(path, max_seconds=self.max_audio_seconds).samples  # G completions share a clip
+                 for path in {r["audio"] for r in rows}}
+        audios = [clips[r["audio"]] for r in rows]
         batch = policy_lib.build_batch(self.processor, [r["prompt"] for r in rows], audios,
                                        [r["completion_ids"] for r in rows])
         return {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
