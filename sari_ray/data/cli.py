@@ -26,7 +26,8 @@ def register_cli(subparsers) -> None:
     synth.add_argument("--out", required=True, help="output folder (gets audio/ and data.jsonl)")
     synth.add_argument("--n", type=int, required=True, help="number of questions")
     synth.add_argument("--seed", type=int, default=0, help="same seed -> byte-identical files")
-    synth.add_argument("--tiers", type=int, default=3, help="number of curriculum tiers (1..3)")
+    synth.add_argument("--tiers", "--num-tiers", dest="tiers", type=int, default=3,
+                       help="number of curriculum tiers (1..3)")
     synth.add_argument("--silent", action="store_true", help="silent clips (checks that a model uses the audio)")
     synth.set_defaults(func=run_synth)
 
@@ -39,6 +40,8 @@ def register_cli(subparsers) -> None:
     validate.add_argument("--num-tiers", type=int, default=None, help="require tiers in 0..num_tiers-1")
     validate.add_argument("--no-check-audio", dest="check_audio", action="store_false",
                           help="skip decoding the clips (e.g. MMAU metadata without its audio)")
+    validate.add_argument("--allow-external-audio", action="store_true",
+                          help="accept audio outside the data folder (--audio-dir, else the file's folder)")
     validate.set_defaults(func=run_validate)
 
     silent = data_commands.add_parser("silent-copy", help="the same questions over silent clips")
@@ -70,21 +73,22 @@ def run_synth(args: argparse.Namespace) -> int:
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    from sari_ray.data.readers import DataFormatError, read_samples
-    from sari_ray.data.validate import DataValidationError, validate_samples
+    """Exit 0: clean (or, under skip, something left to use); 1: the data has problems; 2 (from `sari-ray`'s
+    main): a missing file or a bad argument."""
+    from sari_ray.data.readers import DataFormatError
+    from sari_ray.data.validate import DataValidationError, validate_file
 
     try:
-        samples = read_samples(args.data, format=args.format, audio_dir=args.audio_dir)
-    except (DataFormatError, FileNotFoundError) as exc:
-        print(exc)
-        return 1
-    try:
-        report = validate_samples(samples, check_audio=args.check_audio, policy=args.policy,
-                                  num_tiers=args.num_tiers, source=str(args.data))
-    except DataValidationError as exc:
+        report = validate_file(args.data, args.format, args.audio_dir, check_audio=args.check_audio,
+                               policy=args.policy, num_tiers=args.num_tiers,
+                               allow_external_audio=args.allow_external_audio)
+    except (DataValidationError, DataFormatError) as exc:  # the list of problems, or an empty / non-UTF-8 file
         print(exc)
         return 1
     print(report.summary())
+    if not report.kept:
+        print(f"error: {args.data}: no valid samples left")
+        return 1
     return 0
 
 

@@ -13,6 +13,7 @@ import os
 import random
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -24,14 +25,20 @@ MAX_ERRORS_IN_MESSAGE = 100  # all are kept in DataFormatError.errors; the messa
 
 
 class DataFormatError(ValueError):
-    """Malformed rows; `errors` holds one "file:line: problems" entry per bad row."""
+    """Malformed rows; `errors` holds one "file:line: problems" entry per bad row.
 
-    def __init__(self, path: str | Path, errors: list[str]):
+    A problem of the whole file (empty, not UTF-8 in a JSON document) is one entry, shown as the message.
+    """
+
+    def __init__(self, path: str | Path, errors: list[str], whole_file: bool = False):
         self.path = str(path)
         self.errors = list(errors)
         shown = self.errors[:MAX_ERRORS_IN_MESSAGE]
         more = len(self.errors) - len(shown)
-        text = f"{self.path}: {len(self.errors)} malformed row(s):\n  " + "\n  ".join(shown)
+        if whole_file:
+            text = "\n".join(shown)
+        else:
+            text = f"{self.path}: {len(self.errors)} malformed row(s):\n  " + "\n  ".join(shown)
         if more:
             text += f"\n  ... and {more} more (see DataFormatError.errors)"
         super().__init__(text)
@@ -43,25 +50,37 @@ class _RowError(Exception):
         super().__init__("; ".join(problems))
 
 
-def read_samples(path: str | Path, format: str = "jsonl", audio_dir: str | Path | None = None) -> list[AudioMCQ]:
-    """Parse `path` in `format`; relative audio paths resolve against `audio_dir` (default: the file's folder).
+@dataclass
+class ParsedFile:
+    """What `parse_file` read: the rows that parsed, the line each starts on, and the rows that did not."""
 
-    Returned audio paths are absolute, so samples can be shipped to workers with another working directory.
+    path: Path  # absolute
+    base: Path  # the data folder: relative audio paths resolve against it (audio_dir, else the file's folder)
+    samples: list[AudioMCQ]
+    lines: list[int]  # 1-based line on which each sample starts (same order as `samples`)
+    malformed: list[tuple[int, str]]  # (1-based line, problem) per row that did not parse
+
+
+def parse_file(path: str | Path, format: str = "jsonl", audio_dir: str | Path | None = None) -> ParsedFile:
+    """Parse `path` in `format`, keeping malformed rows as (line, problem) instead of raising.
+
+    Raises FileNotFoundError for a missing file and DataFormatError for a problem of the whole file: no rows
+    at all, or an MMAU JSON document that is not UTF-8 or not valid JSON. Relative audio paths resolve against
+    `audio_dir` (default: the file's folder) and come back absolute and normalised (`..` folded), so samples
+    can be shipped to workers with another working directory and checked against the data folder.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown data format {format!r}; valid: {', '.join(FORMATS)}")
-    path = Path(path).absolute()
+    path = Path(os.path.normpath(Path(path).absolute()))
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    base = Path(audio_dir).absolute() if audio_dir is not None else path.parent
-    text = path.read_text(encoding="utf-8")
+    base = Path(os.path.normpath(Path(audio_dir).absolute())) if audio_dir is not None else path.parent
+    data = path.read_bytes()
     if format == "mmau":
-        rows, parse_row = _json_array_rows(path, text), _mmau_row
-    elif format == "r1aqa":
-        rows, parse_row = _jsonl_rows(text), _r1aqa_row
+        rows, parse_row = _json_array_rows(path, _decode_document(path, data)), _mmau_row
     else:
-        rows, parse_row = _jsonl_rows(text), _own_row
-    samples, errors = [], []
+        rows, parse_row = _jsonl_rows(data), (_r1aqa_row if format == "r1aqa" else _own_row)
+    samples, lines, malformed = [], [], []
     for line, row in rows:
         try:
             if isinstance(row, _RowError):
@@ -69,23 +88,66 @@ def read_samples(path: str | Path, format: str = "jsonl", audio_dir: str | Path 
             if not isinstance(row, dict):
                 raise _RowError([f"expected a JSON object, got {type(row).__name__}"])
             samples.append(parse_row(row, base, line))
+            lines.append(line)
         except _RowError as exc:
-            errors.append(f"{path}:{line}: {exc}")
-    if errors:
-        raise DataFormatError(path, errors)
-    return samples
+            malformed.append((line, str(exc)))
+    if not samples and not malformed:
+        raise DataFormatError(path, [f"{path}: the file holds no rows ({len(data)} bytes); expected one "
+                                     f"question per {'item' if format == 'mmau' else 'line'}"], whole_file=True)
+    return ParsedFile(path=path, base=base, samples=samples, lines=lines, malformed=malformed)
+
+
+def read_samples(path: str | Path, format: str = "jsonl", audio_dir: str | Path | None = None) -> list[AudioMCQ]:
+    """Parse `path` in `format`; any malformed row raises DataFormatError listing all of them (see `parse_file`).
+
+    Returned audio paths are absolute, so samples can be shipped to workers with another working directory.
+    """
+    parsed = parse_file(path, format, audio_dir)
+    if parsed.malformed:
+        raise DataFormatError(parsed.path, [f"{parsed.path}:{line}: {problem}" for line, problem in parsed.malformed])
+    return parsed.samples
+
+
+def _not_utf8(data: bytes, start: int, exc: UnicodeDecodeError) -> str:
+    """Where a decode failed: the byte, its offset in the file, its column (bytes) in the line."""
+    offset = start + exc.start
+    column = offset - (data.rfind(b"\n", 0, offset) + 1) + 1
+    return f"not UTF-8: byte 0x{data[offset]:02x} at byte offset {offset} (column {column}); save the file as UTF-8"
+
+
+def _decode_document(path: Path, data: bytes) -> str:
+    """A whole JSON document as text; a UTF-8 byte-order mark is dropped (json.loads refuses it)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataFormatError(path, [f"{path}:{line}: {_not_utf8(data, 0, exc)}"], whole_file=True) from None
+    return text[1:] if text.startswith("\ufeff") else text
 
 
 # ---- rows out of files: (line number, parsed object or _RowError) --------------------------------------
 
-def _jsonl_rows(text: str) -> Iterator[tuple[int, Any]]:
-    for line_no, line in enumerate(text.splitlines(), start=1):
+def _jsonl_rows(data: bytes) -> Iterator[tuple[int, Any]]:
+    """One row per non-blank line. Lines split on b"\\n" only (as editors number them; str.splitlines would
+    also split inside a JSON string holding U+2028), and each line is decoded alone, so a bad byte costs one row."""
+    start = 0
+    for line_no, raw in enumerate(data.split(b"\n"), start=1):
+        line_start, start = start, start + len(raw) + 1
+        if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte-order mark
+            raw, line_start = raw[3:], line_start + 3
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield line_no, _RowError([_not_utf8(data, line_start, exc)])
+            continue
         if not line.strip():
             continue
         try:
             yield line_no, json.loads(line)
         except json.JSONDecodeError as exc:
             yield line_no, _RowError([f"invalid JSON: {exc.msg} (column {exc.colno})"])
+        except (ValueError, RecursionError) as exc:  # an integer over 4300 digits; nesting too deep
+            yield line_no, _RowError([f"invalid JSON: {type(exc).__name__}: {str(exc)[:120]}"])
 
 
 def _json_array_rows(path: Path, text: str) -> list[tuple[int, Any]]:

@@ -215,10 +215,11 @@ def synthesize(out_dir: str | Path, n: int, seed: int = 0, tiers: int = 3, silen
     from sari_ray.data.audio import write_wav
     from sari_ray.data.readers import write_jsonl
 
+    plan = plan_items(n, seed, tiers)  # checks n and tiers before anything is written
     out_dir = Path(out_dir)
     (out_dir / "audio").mkdir(parents=True, exist_ok=True)
     rows = []
-    for index, (sample_id, tier, family, answer, shown) in enumerate(plan_items(n, seed, tiers)):
+    for index, (sample_id, tier, family, answer, shown) in enumerate(plan):
         rendered = family.render(np.random.default_rng([seed, index]), answer)
         audio_rel = f"audio/{sample_id}.wav"
         audio = np.zeros_like(rendered.audio) if silence else rendered.audio
