@@ -63,7 +63,8 @@ class DataConfig:
     eval: str | None = None  # held-out file; None: split `eval_fraction` off `train`
     eval_fraction: float = 0.1
     invalid_rows: str = "error"  # error: stop before training listing all problems | skip: drop and count
-    synth_if_missing: int = 0  # demo/tests: synthesise this many questions at `train` if absent
+    synth_if_missing: int = 0  # demo/tests: synthesise this many at `train` if absent (only as <new folder>/data.jsonl)
+    allow_external_audio: bool = False  # audio may lie outside the data folder (audio_dir, else the file's folder)
     max_audio_seconds: float = 30.0  # the models' audio window; longer clips are truncated and counted
 
 

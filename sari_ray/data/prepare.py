@@ -1,40 +1,81 @@
-"""Read and validate the train and eval sets before anything starts (training and evaluation)."""
+"""Read and validate the train and eval sets before anything starts (training and evaluation).
 
+Everything a data file can get wrong is found here, in one pass, before a Ray actor or an engine starts:
+malformed rows and broken ones together (`sari_ray.data.validate.validate_file`), under the config's
+`data.invalid_rows` policy.
+
+`data.synth_if_missing` (the demo, tests) writes a synthetic set only where the generator's own layout says
+it lives: `data.train` must be `<folder>/data.jsonl` (the file the generator writes) and `<folder>` must not
+exist yet (or be empty). Anything else that is missing is a mistyped path, and is reported as missing
+rather than filled with synthetic clips. The set is written to a temporary sibling folder and renamed into
+place, so an interrupted run leaves no half-written folder behind.
+"""
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 from sari_ray.config import ConfigError
 from sari_ray.data.schema import AudioMCQ
 
+SYNTH_FILE_NAME = "data.jsonl"  # what sari_ray.data.synth.synthesize writes into its folder
+
 
 def prepare_data(cfg, console) -> tuple[list[AudioMCQ], list[AudioMCQ]]:
     """Read and validate train and eval sets before anything starts (all problems listed at once)."""
-    from sari_ray.data.readers import read_samples, split_samples
-    from sari_ray.data.validate import validate_samples
+    from sari_ray.data.readers import split_samples
+    from sari_ray.data.validate import validate_file
 
     train_path = Path(cfg.data.train)
-    if not train_path.exists() and cfg.data.synth_if_missing:
-        from sari_ray.data.synth import synthesize
-
-        console.print(f"synthesising {cfg.data.synth_if_missing} questions at {train_path.parent}")
-        produced = synthesize(train_path.parent, n=cfg.data.synth_if_missing, seed=cfg.run.seed,
-                              tiers=cfg.curriculum.num_tiers)
-        if Path(produced) != train_path:
-            raise ConfigError(f"data.train={train_path} but the generator writes {produced}; point data.train there")
+    if not train_path.exists():
+        if not cfg.data.synth_if_missing:
+            raise ConfigError(f"data.train={cfg.data.train} does not exist")
+        synthesize_missing(cfg, train_path, console)
+    if cfg.data.eval and not Path(cfg.data.eval).exists():
+        raise ConfigError(f"data.eval={cfg.data.eval} does not exist")
 
     def load(path: str):
-        rows = read_samples(path, cfg.data.format, cfg.data.audio_dir)
-        report = validate_samples(rows, check_audio=True, policy=cfg.data.invalid_rows,
-                                  num_tiers=cfg.curriculum.num_tiers, source=path)
+        report = validate_file(path, cfg.data.format, cfg.data.audio_dir, check_audio=True,
+                               policy=cfg.data.invalid_rows, num_tiers=cfg.curriculum.num_tiers,
+                               allow_external_audio=cfg.data.allow_external_audio)
         console.print(report.summary())
         return report.samples
 
     train = load(cfg.data.train)
     if cfg.data.eval:
         evaluation = load(cfg.data.eval)
+        if not evaluation:
+            raise ConfigError(f"data.eval={cfg.data.eval}: no valid samples")
     else:
         train, evaluation = split_samples(train, cfg.data.eval_fraction, cfg.run.seed)
     if not train:
         raise ConfigError(f"data.train={cfg.data.train}: no valid training samples")
     return train, evaluation
+
+
+def synthesize_missing(cfg, train_path: Path, console) -> Path:
+    """Write `cfg.data.synth_if_missing` synthetic questions at `train_path`, if that is where they belong."""
+    from sari_ray.data.synth import synthesize
+
+    folder = train_path.parent
+    if train_path.name != SYNTH_FILE_NAME:
+        raise ConfigError(
+            f"data.train={cfg.data.train} does not exist (data.synth_if_missing writes a synthetic set only as "
+            f"<new folder>/{SYNTH_FILE_NAME}; check the path)")
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise ConfigError(
+            f"data.train={cfg.data.train} does not exist, and {folder} already exists and is not empty: "
+            "data.synth_if_missing writes a synthetic set only into a new or empty folder (check the path, or "
+            "remove the folder to synthesise again)")
+    console.print(f"synthesising {cfg.data.synth_if_missing} questions into {folder} ({cfg.data.train} was missing)")
+    partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        produced = synthesize(partial, n=cfg.data.synth_if_missing, seed=cfg.run.seed,
+                              tiers=cfg.curriculum.num_tiers)
+        assert produced.name == SYNTH_FILE_NAME, produced
+        partial.replace(folder)  # atomic; replaces an empty folder
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return train_path
