@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # module -> it defines register_cli(subparsers), which adds parsers with set_defaults(func=callable(args))
@@ -21,8 +22,19 @@ COMMAND_MODULES = (
 )
 
 
+DEBUG_ENV = "SARI_RAY_DEBUG"  # =1: full tracebacks, as --debug
+# User errors: a bad config (ConfigError), bad data (DataValidationError, DataFormatError, AudioDecodeError),
+# a missing file, an unwritable output folder (OSError: FileNotFoundError, PermissionError, ...), a bad argument
+# value (ValueError). All of these are ValueError or OSError; the message says what to fix, so the CLI prints it
+# without a traceback and exits 2. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError)
+USER_ERROR_EXIT = 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sari-ray", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show full tracebacks for user errors (also: {DEBUG_ENV}=1); accepted anywhere")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register_cli(subparsers)
@@ -30,8 +42,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    result = args.func(args)
+    """Run a command. User errors print `error: <message>` on stderr and return 2 (traceback: --debug)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])  # `sari-ray train x.yaml --debug` too
+    try:
+        result = args.func(args)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        print(f"(run with --debug or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return USER_ERROR_EXIT
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
     return int(result or 0)
 
 
