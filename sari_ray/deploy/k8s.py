@@ -80,16 +80,26 @@ def deployment(name: str, namespace: str, *, pod_spec: dict[str, Any]) -> dict[s
                      "template": {"metadata": {"labels": labels(name)}, "spec": pod_spec}}}
 
 
-def same_namespace_ingress_policy(namespace: str, *, open_ports: list[int]) -> dict[str, Any]:
-    """Pods of the namespace accept connections from the namespace only, plus `open_ports` from anywhere
-    in the cluster. Defence in depth under the auth rule: the Ray metrics port serves read-only metrics
-    without a token; this keeps it (and anything else we did not think of) namespace-local.
-    `kubectl port-forward` is unaffected (it enters the pod through the kubelet, not the pod network)."""
+# The KubeRay operator's pods, whichever way it was installed: Helm and kustomize disagree on
+# app.kubernetes.io/name but both set this (KubeRay's own network isolation selects the operator by it too).
+OPERATOR_POD_LABELS = {"app.kubernetes.io/component": "kuberay-operator"}
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"  # set by Kubernetes on every namespace, not user-editable
+
+
+def same_namespace_ingress_policy(namespace: str, *, operator_namespace: str, operator_ports: list[int]
+                                  ) -> dict[str, Any]:
+    """Pods of the namespace accept connections from the namespace only, plus `operator_ports` from the KubeRay
+    operator's pods in `operator_namespace` (it polls a RayJob's status through the dashboard's job API).
+    Defence in depth under the auth rule: the Ray metrics port serves read-only metrics without a token; this
+    keeps it (and anything else we did not think of) namespace-local. `kubectl port-forward` is unaffected
+    (it enters the pod through the kubelet, not the pod network)."""
+    operator = {"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: operator_namespace}},
+                "podSelector": {"matchLabels": dict(OPERATOR_POD_LABELS)}}
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": metadata("same-namespace-only", namespace, app=PART_OF),
             "spec": {"podSelector": {}, "policyTypes": ["Ingress"],
                      "ingress": [{"from": [{"podSelector": {}}]},
-                                 {"ports": [{"protocol": "TCP", "port": p} for p in open_ports]}]}}
+                                 {"from": [operator], "ports": [{"protocol": "TCP", "port": p} for p in operator_ports]}]}}
 
 
 def env(name: str, value: str) -> dict[str, Any]:

@@ -7,7 +7,8 @@
 Rendered from the config (not written beside it) so the cluster and the job cannot disagree: worker
 groups are sized from `rollout` / `learner` (see ray_groups.py), and `--rollout-workers N` changes the
 rollout group *and* becomes `rollout.num_workers=N` in the job's command line. Files written:
-  namespace.yaml        Namespace + NetworkPolicy (ingress from the namespace only, dashboard excepted)
+  namespace.yaml        Namespace + NetworkPolicy (ingress from the namespace only; the dashboard port also
+                        from the KubeRay operator's pods, in --operator-namespace, which poll RayJob status)
   secrets.example.yaml  the two Secrets' shape, values empty; create the real ones with kubectl
   storage.yaml          shared ReadWriteMany volume (/data: models, data, configs, runs) + MLflow's volume
   mlflow.yaml           MLflow tracking server (basic auth, ClusterIP); see mlflow_server.py
@@ -39,6 +40,7 @@ __all__ = ["render_manifests", "render_files", "register_cli", "DeployError", "S
 
 PINS = Path(__file__).resolve().parents[2] / "docker" / "requirements" / "common.txt"
 MAX_NAME = 40  # RayJob names may have 47 characters (KubeRay); "-job" is appended to the cluster name
+OPERATOR_NAMESPACE = "kuberay-system"  # where deploy/README.md installs the operator (helm --namespace)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,12 +150,14 @@ def check_tracking(cfg: Any) -> None:
 def render_manifests(cfg: Any, *, configs: Sequence[str], overrides: Sequence[str] = (),
                      rollout_workers: int | None = None, learners: int | None = None, image: str | None = None,
                      namespace: str = "sari-ray", name: str | None = None, shapes: Shapes | None = None,
-                     storage: Storage | None = None) -> dict[str, list[dict[str, Any]]]:
+                     storage: Storage | None = None, operator_namespace: str = OPERATOR_NAMESPACE
+                     ) -> dict[str, list[dict[str, Any]]]:
     """File name -> Kubernetes objects, for the loaded (validated) training config `cfg`.
 
     `configs` are the config file(s) `cfg` was loaded from, as the user named them (the job reads them
     from /data/configs/...); `overrides` the key=value overrides it was loaded with, passed on to the job.
     `rollout_workers` / `learners` replace the config's counts (`cfg` need not hold them yet).
+    `operator_namespace`: where the KubeRay operator runs; the NetworkPolicy lets its pods reach the dashboard.
     """
     if isinstance(configs, (str, Path)):
         raise TypeError("configs is a list of config files")
@@ -164,6 +168,8 @@ def render_manifests(cfg: Any, *, configs: Sequence[str], overrides: Sequence[st
     name = name or cluster_name(cfg.run.name)
     if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) or len(name) > MAX_NAME:
         raise DeployError(f"--name {name!r} must be a DNS-1035 label of at most {MAX_NAME} characters")
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", operator_namespace):
+        raise DeployError(f"--operator-namespace {operator_namespace!r} must be a namespace name (DNS-1123 label)")
     check_tracking(cfg)
     spec = ray_cluster_spec(cfg, shapes=shapes, image=image, namespace=namespace,
                             rollout_workers=rollout_workers, learners=learners)
@@ -171,7 +177,8 @@ def render_manifests(cfg: Any, *, configs: Sequence[str], overrides: Sequence[st
                              learners=learners)
     return {
         "namespace.yaml": [k8s.namespace_object(namespace),
-                           k8s.same_namespace_ingress_policy(namespace, open_ports=[DASHBOARD_PORT])],
+                           k8s.same_namespace_ingress_policy(namespace, operator_namespace=operator_namespace,
+                                                             operator_ports=[DASHBOARD_PORT])],
         "secrets.example.yaml": [
             k8s.secret(TOKEN_SECRET, namespace, {TOKEN_KEY: ""}, annotations=k8s.PLACEHOLDER_ANNOTATIONS),
             mlflow_server.auth_secret_placeholder(namespace)],
@@ -218,6 +225,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--learners", type=int, help="learner actors (default: learner.num_workers); also passed on")
     p.add_argument("--image", help="sari-ray image (default: sari-ray:<version>-gpu, or -cpu for a CPU config)")
     p.add_argument("--namespace", default="sari-ray")
+    p.add_argument("--operator-namespace", default=OPERATOR_NAMESPACE,
+                   help="namespace of the KubeRay operator, the only source outside --namespace that the "
+                        f"NetworkPolicy admits (to the dashboard port {DASHBOARD_PORT}; default: %(default)s)")
     p.add_argument("--name", help=f"RayCluster name (default: run.name as a DNS label, <= {MAX_NAME} chars)")
     p.add_argument("--shape", action="append", default=[], metavar="GROUP.FIELD=N",
                    help="pod shape, e.g. learner.actors_per_pod=8, rollout.memory_gib_per_actor=64, "
@@ -264,7 +274,8 @@ def parse_shapes(shape_args: Sequence[str], selector_args: Sequence[str]) -> Sha
 def canonical_command(args: argparse.Namespace) -> str:
     """The command line that reproduces the files (for their header), whatever order flags were given in."""
     words = ["sari-ray", "deploy", "kuberay", *(w for c in args.config for w in ("--config", c))]
-    for flag in ("rollout_workers", "learners", "image", "namespace", "name", "storage_class", "data_size"):
+    for flag in ("rollout_workers", "learners", "image", "namespace", "operator_namespace", "name",
+                 "storage_class", "data_size"):
         value = getattr(args, flag)
         if value is not None and value != _DEFAULTS.get(flag):
             words += [f"--{flag.replace('_', '-')}", str(value)]
@@ -273,7 +284,7 @@ def canonical_command(args: argparse.Namespace) -> str:
     return shlex.join([*words, "--out", "DIR", *args.overrides])
 
 
-_DEFAULTS = {"namespace": "sari-ray", "data_size": Storage.data_size}
+_DEFAULTS = {"namespace": "sari-ray", "operator_namespace": OPERATOR_NAMESPACE, "data_size": Storage.data_size}
 
 
 def _cli(args: argparse.Namespace) -> int:
@@ -287,7 +298,8 @@ def _cli(args: argparse.Namespace) -> int:
             cfg, configs=args.config, overrides=args.overrides, rollout_workers=args.rollout_workers,
             learners=args.learners, image=args.image, namespace=args.namespace, name=args.name,
             shapes=parse_shapes(args.shape, args.node_selector),
-            storage=Storage(data_size=args.data_size, data_class=args.storage_class))
+            storage=Storage(data_size=args.data_size, data_class=args.storage_class),
+            operator_namespace=args.operator_namespace)
     except (ConfigError, DeployError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

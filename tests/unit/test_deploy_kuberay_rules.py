@@ -111,7 +111,8 @@ def test_token_secret_is_trusted_by_the_head_and_every_worker_group(manifests):
 def test_nothing_listens_without_authentication(manifests):
     """The rule: every declared port belongs to a Ray container under token auth or to the MLflow server
     under basic auth; every Service is ClusterIP; no host network or host ports; an ingress policy keeps
-    what needs no token (Ray's read-only metrics) inside the namespace, the dashboard (token) excepted."""
+    what needs no token (Ray's read-only metrics) inside the namespace; from outside it only the KubeRay operator
+    reaches a pod, and only the dashboard port (token-protected; it polls RayJob status there)."""
     objects = [o for f in manifests.values() for o in f]
     for service in (o for o in objects if o["kind"] == "Service"):
         assert service["spec"]["type"] == "ClusterIP"
@@ -134,8 +135,39 @@ def test_nothing_listens_without_authentication(manifests):
                 assert env["RAY_AUTH_MODE"]["value"] == "token", where
     policy = next(o for o in manifests["namespace.yaml"] if o["kind"] == "NetworkPolicy")
     assert policy["spec"]["podSelector"] == {} and policy["spec"]["policyTypes"] == ["Ingress"]
+    operator = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}},
+                "podSelector": {"matchLabels": {"app.kubernetes.io/component": "kuberay-operator"}}}
     assert policy["spec"]["ingress"] == [{"from": [{"podSelector": {}}]},
-                                         {"ports": [{"protocol": "TCP", "port": 8265}]}]
+                                         {"from": [operator], "ports": [{"protocol": "TCP", "port": 8265}]}]
+    for rule in policy["spec"]["ingress"]:  # no rule without a source: nothing is open to the whole cluster
+        assert rule.get("from"), rule
+        for peer in rule["from"]:
+            assert "ipBlock" not in peer and ("namespaceSelector" not in peer
+                                              or peer["namespaceSelector"].get("matchLabels")), peer
+
+
+def test_the_operator_namespace_is_the_only_outside_source_and_follows_the_flag(tmp_path, monkeypatch):
+    """KubeRay may be installed elsewhere than deploy/README.md's kuberay-system: --operator-namespace moves
+    the one outside rule (and is in the files' header, so the render stays reproducible)."""
+    from deploy_helpers import EXAMPLE, REPO
+    from sari_ray.cli import main as cli_main
+
+    monkeypatch.chdir(REPO)
+    assert cli_main(["deploy", "kuberay", "--config", EXAMPLE, "--operator-namespace", "ray-system",
+                     "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "namespace.yaml").read_text()
+    assert "--operator-namespace ray-system" in text.splitlines()[0]
+    policy = [o for o in yaml_objects(text) if o["kind"] == "NetworkPolicy"][0]
+    peers = [peer for rule in policy["spec"]["ingress"] for peer in rule["from"] if "namespaceSelector" in peer]
+    assert [p["namespaceSelector"]["matchLabels"] for p in peers] == [{"kubernetes.io/metadata.name": "ray-system"}]
+    with pytest.raises(DeployError, match="--operator-namespace 'Ray_System'"):
+        render(example_config(), operator_namespace="Ray_System")
+
+
+def yaml_objects(text: str) -> list:
+    import yaml
+
+    return list(yaml.safe_load_all(text))
 
 
 def test_mlflow_accepts_the_host_the_pods_use_and_only_named_hosts(manifests):
