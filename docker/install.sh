@@ -70,6 +70,16 @@ fi
 echo "== installing sari-ray and the common pins"
 "${PIP[@]}" -e "$ROOT" -r "$REQ/common.txt" $([ "$PROFILE" = cpu ] && echo "-r $REQ/cpu.txt" || echo "-r $REQ/gpu.txt")
 
+if [ "$PROFILE" = cpu ]; then
+  # DeepSpeed JIT-compiles its CPU comm op at the first learner start; a start killed during that build leaves
+  # a lock that hangs every later start. Build it here, into the venv (sari_ray's learner looks there).
+  echo "== building DeepSpeed's CPU communication op"
+  rm -f "$VENV"/torch_extensions/*/deepspeed_shm_comm/lock
+  (cd "$VENV" && TORCH_EXTENSIONS_DIR="$VENV/torch_extensions" DS_ACCELERATOR=cpu "$VENV/bin/python" -c \
+    "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()" \
+    >/dev/null 2>&1) || echo "warning: DeepSpeed's CPU comm op did not build; learners will try at start" >&2
+fi
+
 rm -f "$VENV"/.sari-ray-"$PROFILE"-*
 touch "$STAMP"
 echo "== sari-ray ($PROFILE) installed in $VENV in $(( $(date +%s) - t0 )) s"

@@ -16,7 +16,7 @@ import torch
 
 __all__ = [
     "AdvantageEstimator", "KLEstimator", "LossAggregation", "GRPOSettings",
-    "compute_advantages", "uniform_group_mask", "kl_penalty", "policy_loss", "aggregate_loss",
+    "StepNormalizer", "compute_advantages", "uniform_group_mask", "kl_penalty", "policy_loss", "aggregate_loss",
     "mask_truncated", "entropy_from_logits", "gather_logprobs", "metrics_to_floats",
 ]
 
@@ -119,49 +119,68 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
 
 # ---------------------------------------------------------------------------------------------- aggregation
 class LossAggregation(str, Enum):
+    """How per-token losses become one scalar. Every variant is defined over the whole optimizer step (all
+    micro-batches of all data-parallel ranks, see `StepNormalizer`), so splitting a batch never changes the
+    gradient. Over a whole step `bnpo` and `dapo` coincide (TRL's bnpo normalises by the local batch's tokens,
+    which differs from dapo only once a batch is split; here it is never split)."""
+
     GRPO = "grpo"        # mean over sequences of per-sequence token means (DeepSeekMath; R1-AQA via TRL)
-    BNPO = "bnpo"        # token mean over the local batch (TRL's "bnpo")
-    DAPO = "dapo"        # token mean over the *global* batch: pass num_items_in_batch (DAPO, Yu et al. 2025)
-    DR_GRPO = "dr_grpo"  # sum / (B * max_completion_length): length-unbiased constant (Dr. GRPO)
+    BNPO = "bnpo"        # token mean over the batch (TRL's "bnpo")
+    DAPO = "dapo"        # token mean over the global batch (DAPO, Yu et al. 2025)
+    DR_GRPO = "dr_grpo"  # sum / (num_sequences * max_completion_length): length-unbiased constant (Dr. GRPO)
 
 
-def _agg_grpo(per_token, mask, *, max_completion_length=None, num_items_in_batch=None):
-    """Each sequence weighs the same, so long answers' tokens count less (the length bias Dr. GRPO names).
-    Sequences with no unmasked tokens count as 0 in the mean, as in TRL."""
-    return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+@dataclass(frozen=True)
+class StepNormalizer:
+    """Denominators of one optimizer step, counted over every micro-batch of every rank.
+
+    Padding rows (weight 0) and masked tokens (e.g. `mask_truncated_completions`) count nowhere: a sequence
+    counts when it has at least one active token. The learner all-reduces the local counts once per step.
+    """
+
+    num_tokens: float
+    num_sequences: float
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor) -> "StepNormalizer":
+        """Counts of one (B, T) mask: the whole step when the batch is not split."""
+        mask = mask.float()
+        return cls(float(mask.sum()), float((mask.sum(-1) > 0).sum()))
 
 
-def _agg_bnpo(per_token, mask, *, max_completion_length=None, num_items_in_batch=None):
-    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+def _agg_grpo(per_token, mask, norm: StepNormalizer, max_completion_length):
+    """Each sequence weighs the same, so long answers' tokens count less (the length bias Dr. GRPO names)."""
+    return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / max(norm.num_sequences, 1.0)
 
 
-def _agg_dapo(per_token, mask, *, max_completion_length=None, num_items_in_batch=None):
-    """With data parallelism / accumulation the local token count differs per shard; dividing by the global
-    count makes the summed gradient the true token mean. Falls back to the local count (== bnpo)."""
-    denom = mask.sum() if num_items_in_batch is None else mask.new_tensor(float(num_items_in_batch))
-    return (per_token * mask).sum() / denom.clamp(min=1.0)
+def _agg_token_mean(per_token, mask, norm: StepNormalizer, max_completion_length):
+    return (per_token * mask).sum() / max(norm.num_tokens, 1.0)
 
 
-def _agg_dr_grpo(per_token, mask, *, max_completion_length=None, num_items_in_batch=None):
+def _agg_dr_grpo(per_token, mask, norm: StepNormalizer, max_completion_length):
     if max_completion_length is None or max_completion_length < 1:
         raise ValueError("loss_type='dr_grpo' needs max_completion_length >= 1 (the constant normaliser); "
                          f"got {max_completion_length!r}")
-    return (per_token * mask).sum() / (per_token.shape[0] * max_completion_length)
+    return (per_token * mask).sum() / (max(norm.num_sequences, 1.0) * max_completion_length)
 
 
 LOSS_AGGREGATIONS: dict[LossAggregation, Callable[..., torch.Tensor]] = {
-    LossAggregation.GRPO: _agg_grpo, LossAggregation.BNPO: _agg_bnpo,
-    LossAggregation.DAPO: _agg_dapo, LossAggregation.DR_GRPO: _agg_dr_grpo,
+    LossAggregation.GRPO: _agg_grpo, LossAggregation.BNPO: _agg_token_mean,
+    LossAggregation.DAPO: _agg_token_mean, LossAggregation.DR_GRPO: _agg_dr_grpo,
 }
 
 
 def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str | LossAggregation = "grpo", *,
-                   max_completion_length: int | None = None, num_items_in_batch: float | None = None
+                   max_completion_length: int | None = None, normalizer: StepNormalizer | None = None
                    ) -> torch.Tensor:
-    """(B, T) per-token loss + (B, T) mask -> scalar, by the named aggregation."""
+    """(B, T) per-token loss + (B, T) mask -> scalar, by the named aggregation.
+
+    `normalizer`: the step's counts when this (B, T) is one micro-batch of a larger step; the sum of the
+    micro-batches' losses is then the whole step's loss. None: this batch is the whole step.
+    """
     fn = LOSS_AGGREGATIONS[_parse(LossAggregation, loss_type, "loss_type")]
-    return fn(per_token, mask.to(per_token.dtype), max_completion_length=max_completion_length,
-              num_items_in_batch=num_items_in_batch)
+    mask = mask.to(per_token.dtype)
+    return fn(per_token, mask, normalizer or StepNormalizer.from_mask(mask), max_completion_length)
 
 
 # ---------------------------------------------------------------------------------------------- policy loss
@@ -169,20 +188,27 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, advan
                 completion_mask: torch.Tensor, *, epsilon: float = 0.2, epsilon_high: float | None = None,
                 beta: float = 0.0, ref_logprobs: torch.Tensor | None = None,
                 kl_estimator: str | KLEstimator = "k3", loss_type: str | LossAggregation = "grpo",
-                max_completion_length: int | None = None, num_items_in_batch: float | None = None
+                max_completion_length: int | None = None, normalizer: StepNormalizer | None = None,
+                sampling_logprobs: torch.Tensor | None = None, importance_sampling_cap: float = 2.0
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped-ratio GRPO loss (PPO surrogate, Schulman et al. 2017, with group advantages).
 
-    logprobs (B, T) with grad; old_logprobs (B, T) from the policy that sampled (None: on-policy, mu = 1,
-    uses logprobs.detach() so ratio == 1 with the right gradient); advantages (B,); completion_mask (B, T)
-    bool/0-1. per-token = -min(ratio*A, clip(ratio, 1-epsilon, 1+epsilon_high)*A) + beta*KL.
-    epsilon_high defaults to epsilon; a larger one is DAPO's clip-higher. beta == 0 computes no KL and
-    needs no ref_logprobs (no reference model is loaded).
+    logprobs (B, T) with grad; old_logprobs (B, T) from the policy that sampled, as the learner computes it
+    (None: on-policy, mu = 1, uses logprobs.detach() so ratio == 1 with the right gradient); advantages (B,);
+    completion_mask (B, T) bool/0-1. per-token = -min(ratio*A, clip(ratio, 1-epsilon, 1+epsilon_high)*A)
+    [* is_weight] + beta*KL. epsilon_high defaults to epsilon; a larger one is DAPO's clip-higher. beta == 0
+    computes no KL and needs no ref_logprobs (no reference model is loaded). `normalizer`: see
+    `aggregate_loss`.
 
-    Returns (loss scalar, metrics). Metrics are detached 0-dim tensors (no device sync here, so the
-    learner can all-reduce before `.item()`; see `metrics_to_floats`): `grpo/loss`, `grpo/ratio_mean`,
+    sampling_logprobs (B, T): the rollout engine's log-probs of the same tokens. When given, the policy-gradient
+    term is weighted per token by truncated importance sampling, min(exp(old - sampling), cap), detached
+    (TIS; TRL's `vllm_importance_sampling_correction`): it corrects for the sampler (vLLM: bf16, other
+    kernels, stale weights) not being exactly the policy the learner computes. The KL term is not weighted.
+
+    Returns (loss scalar, metrics). Metrics are detached 0-dim tensors: `grpo/loss`, `grpo/ratio_mean`,
     `grpo/clip_fraction_low`, `grpo/clip_fraction_high`, `grpo/clip_fraction` (fractions of unmasked
-    tokens whose gradient the clip removed, as in TRL) and `grpo/kl` when beta > 0.
+    tokens whose gradient the clip removed, as in TRL), `grpo/kl` when beta > 0, and with TIS
+    `grpo/is_ratio_mean`, `grpo/is_ratio_max` (before the cap) and `grpo/is_capped_fraction`.
     """
     eps_low = epsilon
     eps_high = epsilon if epsilon_high is None else epsilon_high
@@ -200,6 +226,14 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, advan
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
     per_token = -torch.min(ratio * adv, clipped * adv)                   # (B, T)
 
+    is_ratio = None
+    if sampling_logprobs is not None:
+        if sampling_logprobs.shape != logprobs.shape:
+            raise ValueError(f"sampling_logprobs {tuple(sampling_logprobs.shape)} must match logprobs "
+                             f"{tuple(logprobs.shape)}")
+        is_ratio = torch.exp(old_logprobs.detach() - sampling_logprobs.to(logprobs.dtype))  # (B, T)
+        per_token = per_token * torch.clamp(is_ratio, max=importance_sampling_cap)
+
     kl = None
     if beta != 0.0:
         if ref_logprobs is None:
@@ -209,7 +243,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, advan
         per_token = per_token + beta * kl
 
     loss = aggregate_loss(per_token, mask, loss_type, max_completion_length=max_completion_length,
-                          num_items_in_batch=num_items_in_batch)
+                          normalizer=normalizer)
 
     with torch.no_grad():
         n = mask.sum().clamp(min=1.0)
@@ -224,6 +258,10 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, advan
         }
         if kl is not None:
             metrics["grpo/kl"] = (kl * mask).sum() / n
+        if is_ratio is not None:
+            metrics["grpo/is_ratio_mean"] = (is_ratio * mask).sum() / n
+            metrics["grpo/is_ratio_max"] = torch.where(mask > 0, is_ratio, torch.zeros_like(is_ratio)).max()
+            metrics["grpo/is_capped_fraction"] = ((is_ratio > importance_sampling_cap).to(mask.dtype) * mask).sum() / n
     return loss, metrics
 
 
@@ -301,6 +339,8 @@ class GRPOSettings:
     mask_truncated_completions: bool = False  # DAPO: truncated completions contribute no loss
     max_completion_length: int = 256          # R1-AQA 256; also the dr_grpo normaliser
     advantage_eps: float = 1e-4               # added to the group std
+    vllm_importance_sampling_correction: bool = False  # token-level TIS against the sampler's log-probs (TRL)
+    vllm_importance_sampling_cap: float = 2.0  # C in min(pi_learner / pi_sampler, C) (TIS, Yao et al. 2025: 2)
 
     @property
     def resolved_epsilon_high(self) -> float:
@@ -333,13 +373,21 @@ class GRPOSettings:
                 _parse(enum_cls, getattr(self, name), name)
             except ValueError as err:
                 raise bad(name, f"choose one of {', '.join(repr(m.value) for m in enum_cls)}") from err
+        if self.beta > 0 and _parse(KLEstimator, self.kl_estimator, "kl_estimator") is KLEstimator.K1:
+            raise bad("kl_estimator", "k1 = log(pi/ref) as a loss term has zero expected gradient (its gradient "
+                      "is the score function, whose mean under pi is 0), so it would not pull toward the "
+                      "reference; use k3 (GRPO, R1-AQA) or k2")
+        if (not isinstance(self.vllm_importance_sampling_cap, (int, float))
+                or not math.isfinite(self.vllm_importance_sampling_cap) or self.vllm_importance_sampling_cap < 1):
+            raise bad("vllm_importance_sampling_cap", "use a finite value >= 1 (TIS: 2)")
         if not is_int(self.num_iterations) or self.num_iterations < 1:
             raise bad("num_iterations", "use an integer >= 1 (1 = on-policy; > 1 reuses each rollout batch)")
         if not is_int(self.max_completion_length) or self.max_completion_length < 1:
             raise bad("max_completion_length", "use an integer >= 1 (R1-AQA: 256)")
         if not isinstance(self.advantage_eps, (int, float)) or self.advantage_eps <= 0:
             raise bad("advantage_eps", "use a small value > 0, e.g. 1e-4 (it guards division by a zero std)")
-        for name in ("scale_rewards", "drop_uniform_groups", "mask_truncated_completions"):
+        for name in ("scale_rewards", "drop_uniform_groups", "mask_truncated_completions",
+                     "vllm_importance_sampling_correction"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "use true or false")
         return self

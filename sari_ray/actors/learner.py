@@ -29,13 +29,20 @@ class LearnerActor:
         return self.learner.grpo_step(records, learning_rate)
 
     def export_weight_bucket_refs(self, bucket_bytes: int) -> list:
-        """Buckets go into the object store from here; only their refs travel to the driver."""
+        """Buckets go into the object store as each fills; only their refs travel to the driver. Call on every
+        rank (ZeRO-3 gathers are collectives); rank 0 returns the refs, the others []."""
         import ray
 
         return [ray.put(bucket) for bucket in self.learner.export_weight_buckets(bucket_bytes)]
 
+    def param_sums(self) -> dict[str, float]:
+        return self.learner.param_sums()
+
     def weights_checksum(self) -> float:
         return self.learner.weights_checksum()
+
+    def reset_reference(self) -> None:
+        self.learner.reset_reference()
 
     def save_checkpoint(self, directory, client_state=None):
         return self.learner.save_checkpoint(directory, client_state)

@@ -11,17 +11,6 @@ from sari_ray.actors.rollout import RolloutWorker
 from sari_ray.curriculum import CurriculumScheduler
 
 
-def split_evenly(items: list, parts: int) -> list[list]:
-    """Contiguous shards whose sizes differ by at most one (order kept, so results concatenate back)."""
-    size, extra = divmod(len(items), parts)
-    shards, start = [], 0
-    for i in range(parts):
-        end = start + size + (1 if i < extra else 0)
-        shards.append(items[start:end])
-        start = end
-    return shards
-
-
 class ActorGroup:
     """N actors of one role; `*_refs` methods return ObjectRefs, the others wait."""
 
@@ -42,6 +31,19 @@ class ActorGroup:
         refs = [getattr(actor, method).remote(shard, *args, **kwargs)
                 for actor, shard in zip(self.actors, shards) if shard]
         return ray.get(refs)
+
+
+class SetupTimeout(RuntimeError):
+    """An actor group did not come up within `cluster.setup_timeout_s`."""
+
+
+def get_within(refs: list, seconds: float, what: str, hint: str = "") -> list:
+    """ray.get with a deadline whose error names the group and the phase (a hung setup otherwise holds its
+    CPUs / GPUs forever: a RayJob has no deadline of its own)."""
+    try:
+        return ray.get(refs, timeout=seconds)
+    except ray.exceptions.GetTimeoutError:
+        raise SetupTimeout(f"{what} did not finish within {seconds:.0f} s (cluster.setup_timeout_s). {hint}".strip()) from None
 
 
 def actor_env(cfg) -> dict[str, str]:
@@ -71,11 +73,22 @@ def start_learners(cfg, setup_kwargs: dict[str, Any]) -> ActorGroup:
         num_cpus=cfg.learner.num_cpus_per_worker, num_gpus=cfg.learner.num_gpus_per_worker,
         resources=dict(cfg.learner.resources), runtime_env={"env_vars": actor_env(cfg)})
     actors = [remote.remote() for _ in range(cfg.learner.num_workers)]
-    master_addr, master_port = ray.get(actors[0].address.remote())
-    ray.get([actor.setup.remote(rank=rank, world_size=len(actors), master_addr=master_addr,
-                                master_port=master_port, **setup_kwargs)
-             for rank, actor in enumerate(actors)])
+    wait = cfg.cluster.setup_timeout_s
+    master_addr, master_port = get_within(actors[0].address.remote(), wait, "learner rank 0 placement",
+                                          f"Does the cluster offer {dict(cfg.learner.resources)} per learner?")
+    get_within([actor.setup.remote(rank=rank, world_size=len(actors), master_addr=master_addr,
+                                   master_port=master_port, **setup_kwargs)
+                for rank, actor in enumerate(actors)], wait, f"setup of {len(actors)} DeepSpeed learners",
+               "Check the learner actors' logs; a DeepSpeed CPU op build killed halfway leaves a lock under "
+               "~/.cache/torch_extensions/*/deepspeed_shm_comm/ that blocks every later start: delete it.")
     return ActorGroup(actors)
+
+
+def wait_rollout_ready(cfg, group: ActorGroup) -> list[float]:
+    """Engine start seconds per worker, within the setup deadline."""
+    return get_within(group.call_refs("ready"), cfg.cluster.setup_timeout_s,
+                      f"start of {len(group)} vLLM rollout workers",
+                      f"Does the cluster offer {dict(cfg.rollout.resources)} per worker? Check the workers' logs.")
 
 
 def start_reward_scorer(cfg):

@@ -3,13 +3,18 @@
 The Ray learner actor is a thin shell around `DeepSpeedLearner`; a single process with world_size 1 runs it
 too (benchmarks, debugging). Each step receives this rank's shard of the batch; every rank runs the same
 number of micro-batches (the driver pads with zero-weight records) so ZeRO's gradient reductions line up.
-Gradient accumulation is managed here (variable batch sizes): each micro-batch loss is pre-weighted by its
-share of the rank's batch, DeepSpeed's own 1/gas scaling is switched off, and the boundary is set by hand.
+Gradient accumulation is managed here (variable batch sizes): each micro-batch loss is normalised by the whole
+step's counts (all micro-batches of all ranks, `grpo.StepNormalizer`), DeepSpeed's own 1/gas scaling is switched
+off, and the boundary is set by hand. Methods that touch the weights (export, checksum, save, reference reset)
+are collectives under ZeRO-3: call them on every rank.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +23,8 @@ import torch
 from sari_ray import grpo
 from sari_ray.data.audio import load_audio
 from sari_ray.data.schema import AudioMCQ
-from sari_ray.engines.weight_buckets import export_weight_buckets, hf_to_checkpoint_names, tensors_checksum
+from sari_ray.engines.weight_buckets import (group_by_layer, hf_to_checkpoint_names,
+                                             iter_weight_buckets, tensors_checksum)
 from sari_ray.models import policy as policy_lib
 from sari_ray.prompts import PromptStyle, build_messages, render_prompt, sft_target
 
@@ -51,10 +57,14 @@ class DeepSpeedLearner:
         train_audio_encoder: bool = True,
         gradient_checkpointing: bool = False,
         max_audio_seconds: float = 30.0,
+        reference_path: str | None = None,
     ):
         self.device = resolve_device(device)
         if self.device == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            prebuilt = Path(sys.prefix) / "torch_extensions"  # docker/install.sh builds DeepSpeed's CPU op there
+            if prebuilt.is_dir():
+                os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(prebuilt))
         if torch_threads:
             torch.set_num_threads(torch_threads)
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
@@ -79,7 +89,9 @@ class DeepSpeedLearner:
             model.gradient_checkpointing_enable()
         self.reference = None
         if self.grpo.beta > 0:  # beta 0 loads no reference model
-            self.reference, _ = policy_lib.load_policy(model_path, dtype=dtype, device=self.device)
+            # The policy GRPO starts from: the base model, or after SFT the SFT checkpoint (`reset_reference`
+            # copies it in; a resumed run passes that checkpoint's model here, never the base).
+            self.reference, _ = policy_lib.load_policy(reference_path or model_path, dtype=dtype, device=self.device)
             self.reference.eval().requires_grad_(False)
         ds_config = {
             "train_micro_batch_size_per_gpu": micro_batch_size,
@@ -94,6 +106,8 @@ class DeepSpeedLearner:
         self.engine, *_ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config)
         self.zero_stage = zero_stage
+        if zero_stage == 3:
+            _register_direct_weight_reads(self.engine.module)
 
     # ---------------------------------------------------------------- steps
     def sft_step(self, samples: list[dict], style: str, learning_rate: float) -> dict[str, float]:
@@ -108,13 +122,15 @@ class DeepSpeedLearner:
             target = self.processor.tokenizer(sft_target(sample, PromptStyle(style)), add_special_tokens=False)
             rows.append({"prompt": self.render(sample, style), "audio": sample.audio,
                          "completion_ids": target["input_ids"] + [eos], "weight": weight})
-        total_tokens = sum(len(r["completion_ids"]) * r["weight"] for r in rows) or 1.0
+        local_tokens = sum(len(r["completion_ids"]) for r in rows if r["weight"] > 0)
+        total_tokens, _ = self._all_reduce_sum(local_tokens, 0)
 
         def micro_loss(batch_rows, batch, _index):
             logprobs, _ = policy_lib.completion_logprobs(self.engine.module, batch)
             weights = torch.tensor([r["weight"] for r in batch_rows], device=logprobs.device)[:, None]
             mask = batch["completion_mask"] * weights
-            return -(logprobs * mask).sum() / total_tokens, {}
+            # token mean over the whole step (all ranks); x world_size undoes DeepSpeed's gradient averaging
+            return -(logprobs * mask).sum() / max(total_tokens, 1.0) * self.world_size, {}
 
         metrics = self._accumulate(rows, micro_loss, learning_rate)
         return {"sft/loss": metrics["loss"], "sft/grad_norm": metrics["grad_norm"], "sft/lr": learning_rate,
@@ -132,10 +148,16 @@ class DeepSpeedLearner:
         if settings.num_iterations > 1:  # ratio against the policy that generated, recomputed once
             old_logprobs = self._logprobs_no_grad(self.engine.module, records)
         ref_logprobs = self._logprobs_no_grad(self.reference, records) if self.reference is not None else None
-        weights = torch.tensor([r["weight"] for r in records])
-        lengths = torch.tensor([len(r["completion_ids"]) for r in records], dtype=torch.float32)
-        total_seqs = float(weights.sum()) or 1.0
-        total_tokens = float((weights * lengths).sum()) or 1.0
+        # Every loss_type is defined over the whole optimizer step (all micro-batches of all ranks): the step's
+        # active tokens and sequences are counted once and all-reduced (padding rows and masked truncated
+        # completions count nowhere), and each micro-batch loss is scaled by world_size because DeepSpeed
+        # averages gradients over ranks. Then splitting a batch never changes the gradient.
+        active = [r for r in records if r["weight"] > 0
+                  and not (settings.mask_truncated_completions and r["truncated"])]
+        tokens, seqs = self._all_reduce_sum(sum(len(r["completion_ids"]) for r in active),
+                                            sum(1 for r in active if r["completion_ids"]))
+        normalizer = grpo.StepNormalizer(num_tokens=tokens, num_sequences=seqs)
+        local_tokens = float(sum(len(r["completion_ids"]) for r in active)) or 1.0
         accum: dict[str, float] = {}
         for _ in range(settings.num_iterations):
             def micro_loss(batch_rows, batch, index):
@@ -146,28 +168,41 @@ class DeepSpeedLearner:
                     mask = grpo.mask_truncated(mask, torch.tensor([r["truncated"] for r in batch_rows]))
                 w = torch.tensor([r["weight"] for r in batch_rows], device=mask.device)
                 mask = mask * w[:, None]
-                old = (old_logprobs[index].to(logprobs.device)[:, : logprobs.shape[1]]
-                       if old_logprobs is not None else logprobs.detach())
-                ref = ref_logprobs[index].to(logprobs.device)[:, : logprobs.shape[1]] if ref_logprobs is not None else None
+                width = logprobs.shape[1]
+                old = old_logprobs[index].to(logprobs.device)[:, :width] if old_logprobs is not None else None
+                ref = ref_logprobs[index].to(logprobs.device)[:, :width] if ref_logprobs is not None else None
                 adv = torch.tensor([r["advantage"] for r in batch_rows], device=mask.device, dtype=torch.float32)
+                sampling = _pad([r["sampling_logprobs"] for r in batch_rows], width).to(logprobs.device)
                 loss, stats = grpo.policy_loss(
                     logprobs, old, adv, mask, epsilon=settings.epsilon, epsilon_high=settings.epsilon_high,
                     beta=settings.beta, ref_logprobs=ref, kl_estimator=settings.kl_estimator,
-                    loss_type=settings.loss_type, max_completion_length=settings.max_completion_length)
-                share = (float(mask.sum()) / total_tokens if settings.loss_type == "bnpo"
-                         else float(w.sum()) / total_seqs)
-                sampling = _pad([r["sampling_logprobs"] for r in batch_rows], logprobs.shape[1]).to(logprobs.device)
+                    loss_type=settings.loss_type, max_completion_length=settings.max_completion_length,
+                    normalizer=normalizer,
+                    sampling_logprobs=sampling if settings.vllm_importance_sampling_correction else None,
+                    importance_sampling_cap=settings.vllm_importance_sampling_cap)
+                share = float(mask.sum()) / local_tokens  # metrics: token-weighted means over this rank
                 gap = ((logprobs.detach() - sampling).abs() * mask).sum() / mask.sum().clamp(min=1)
                 ent = (entropy.detach() * mask).sum() / mask.sum().clamp(min=1) if entropy is not None else torch.tensor(0.0)
-                extra = {k.split("/", 1)[-1]: float(v) * share for k, v in stats.items() if k != "grpo/loss"}
+                extra = {k.split("/", 1)[-1]: float(v) if k.endswith("_max") else float(v) * share
+                         for k, v in stats.items() if k != "grpo/loss"}
                 extra.update({"logprob_gap_vllm": float(gap) * share, "entropy": float(ent) * share})
-                return loss * share, extra
+                return loss * self.world_size, extra
 
             accum = self._accumulate(records, micro_loss, learning_rate)
         out = {f"policy/{k}": v for k, v in accum.items() if k not in ("loss", "grad_norm")}
-        out.update({"policy/loss": accum["loss"], "policy/grad_norm": accum["grad_norm"], "policy/lr": learning_rate,
-                    "time/learn_rank": time.perf_counter() - t0})
+        out.update({"policy/loss": accum["loss"], "policy/grad_norm": accum["grad_norm"],
+                    "policy/lr": learning_rate, "time/learn_rank": time.perf_counter() - t0})
         return out
+
+    def _all_reduce_sum(self, *values: float) -> tuple[float, ...]:
+        """Sum of each value over all ranks (one collective)."""
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64)
+        if self.world_size > 1:
+            t = t.to(self.device)
+            dist.all_reduce(t)
+        return tuple(float(v) for v in t.cpu())
 
     def _micro_batches(self, n: int) -> list[list[int]]:
         return [list(range(i, min(i + self.micro_batch_size, n))) for i in range(0, n, self.micro_batch_size)]
@@ -188,8 +223,8 @@ class DeepSpeedLearner:
             loss, extra = micro_loss(batch_rows, batch, index)
             self.engine.backward(loss, scale_wrt_gas=False)
             totals["loss"] += float(loss.detach())
-            for k, v in extra.items():
-                totals[k] = totals.get(k, 0.0) + v
+            for k, v in extra.items():  # `*_max` metrics combine by max, the others are pre-weighted shares
+                totals[k] = max(totals.get(k, v), v) if k.endswith("_max") else totals.get(k, 0.0) + v
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         totals["grad_norm"] = float(norm) if norm is not None else 0.0
@@ -218,54 +253,137 @@ class DeepSpeedLearner:
         return render_prompt(build_messages(sample, PromptStyle(style)), self.processor)
 
     # ---------------------------------------------------------------- weights
-    def _full_state_dict(self) -> dict[str, torch.Tensor]:
-        module = self.engine.module
-        if self.zero_stage == 3:
-            import deepspeed
+    # Under ZeRO-3 each parameter lives in shards across ranks, and gathering one is a collective: EVERY rank
+    # must run every method below (the driver calls them on the whole group), or rank 0 waits forever.
+    # Gathering goes layer group by layer group (the sync's bucket boundaries), so a 7B model is never
+    # materialised whole on one rank; rank 0 keeps what it needs, the others only take part.
+    def _layer_groups(self, *, engine_only: bool = False, all_ranks: bool = False
+                      ) -> Iterator[dict[str, torch.Tensor]]:
+        """{published name: CPU tensor} per layer group, in order; empty dicts on ranks that keep nothing.
+        engine_only: what the rollout engines hold (an Omni engine serves audio only: no vision tower)."""
+        skip = ("thinker.visual.",) if engine_only and self.arch == "qwen2.5-omni" else ()
+        keep = all_ranks or self.rank == 0
+        state = self.engine.module.state_dict(keep_vars=True)
+        for members in group_by_layer(state, self.arch, skip).values():
+            with self._gathered(list(members.values())):
+                yield ({name: t.detach().to("cpu", copy=self.zero_stage == 3) for name, t in members.items()}
+                       if keep else {})
 
-            with deepspeed.zero.GatheredParameters(list(module.parameters())):
-                return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    def _gathered(self, tensors: list[torch.Tensor]):
+        if self.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
 
-    def _engine_state_dict(self) -> dict[str, torch.Tensor]:
-        """What the rollout engines hold: an Omni engine serves audio only and builds no vision tower."""
-        state = self._full_state_dict()
-        if self.arch == "qwen2.5-omni":
-            state = {k: v for k, v in state.items()
-                     if not hf_to_checkpoint_names(k, self.arch).startswith("thinker.visual.")}
-        return state
+        return deepspeed.zero.GatheredParameters([t for t in tensors if hasattr(t, "ds_id")], modifier_rank=None)
 
-    def export_weight_buckets(self, bucket_bytes: int) -> list[bytes]:
-        """The model as safetensors buckets in the published checkpoint layout (for the engines)."""
-        return export_weight_buckets(self._engine_state_dict(), bucket_bytes, arch=self.arch)
+    def export_weight_buckets(self, bucket_bytes: int) -> Iterator[bytes]:
+        """The model as safetensors buckets in the published checkpoint layout (for the engines), each yielded
+        as soon as it is full; only rank 0 yields any."""
+        groups = self._layer_groups(engine_only=True)
+        if self.rank != 0:
+            for _ in groups:  # take part in each gather
+                pass
+            return
+        yield from iter_weight_buckets(groups, bucket_bytes)
+
+    def param_sums(self) -> dict[str, float]:
+        """{published name: float64 sum} of what the engines hold, on every rank (ranks must agree), to compare
+        tensor by tensor with `VLLMEngine.param_sums` (see `weight_buckets.fuse_param_sums`)."""
+        sums: dict[str, float] = {}
+        for group in self._layer_groups(engine_only=True, all_ranks=True):
+            sums.update({name: tensors_checksum([t]) for name, t in group.items()})
+        return sums
 
     def weights_checksum(self) -> float:
         """Comparable with `VLLMEngine.weights_checksum` (same tensors, float64 sum)."""
-        return tensors_checksum(self._engine_state_dict().values())
+        return float(sum(self.param_sums().values()))
+
+    def reset_reference(self) -> None:
+        """The KL reference becomes the current policy (end of SFT: GRPO is pulled toward the policy it starts
+        from, as in TRL and verl, not toward the base model)."""
+        if self.reference is None:
+            return
+        target = {hf_to_checkpoint_names(k, self.arch): v for k, v in self.reference.state_dict().items()}
+        for group in self._layer_groups(all_ranks=True):
+            for name, tensor in group.items():
+                target[name].copy_(tensor)
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self, directory: str, client_state: dict[str, Any] | None = None) -> None:
-        """DeepSpeed state (optimizer partitions, all ranks) and, on rank 0, an HF model in safetensors."""
+        """DeepSpeed state (optimizer partitions, all ranks) and an HF model in safetensors (written by rank 0;
+        every rank takes part in gathering it)."""
         self.engine.save_checkpoint(str(Path(directory) / "learner"), tag="state", client_state=client_state or {})
-        if self.rank == 0:
-            self.save_model(str(Path(directory) / "model"))
+        self.save_model(str(Path(directory) / "model"))
 
     def load_checkpoint(self, directory: str) -> dict[str, Any]:
         _, client_state = self.engine.load_checkpoint(str(Path(directory) / "learner"), tag="state")
         return client_state or {}
 
-    def save_model(self, directory: str) -> None:
-        """A checkpoint that vLLM and `sari-ray eval` load: published layout, safetensors, processor."""
+    def save_model(self, directory: str, shard_bytes: int = 4 * 2**30) -> None:
+        """A checkpoint that vLLM and `sari-ray eval` load: published layout, safetensors (sharded with an
+        index above `shard_bytes`, as published checkpoints are), processor. Call on every rank."""
         from safetensors.torch import save_file
 
         out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        state = {hf_to_checkpoint_names(k, self.arch): v.contiguous() for k, v in self._full_state_dict().items()}
-        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        files: list[str] = []
+        if self.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+
+        def flush() -> None:
+            files.append(f"model-{len(files) + 1:05d}.safetensors")
+            save_file(shards[0], str(out / files[-1]), metadata={"format": "pt"})
+            shards[0] = {}
+
+        for group in self._layer_groups():
+            if not group:
+                continue  # not rank 0
+            if shards[0] and _nbytes(shards[0]) + _nbytes(group) > shard_bytes:
+                flush()
+            shards[0].update({name: t.contiguous() for name, t in group.items()})
+        if self.rank != 0:
+            return
+        flush()
+        _name_shards(out, files)
         source = Path(self.model_path)
         for item in source.iterdir():  # config, tokenizer, processor, generation config, chat template
             if item.is_file() and not item.name.endswith((".safetensors", ".bin")) and item.name != "model.safetensors.index.json":
                 (out / item.name).write_bytes(item.read_bytes())
+
+
+def _register_direct_weight_reads(model: torch.nn.Module) -> None:
+    """ZeRO-3 gathers a module's parameters around that module's own forward. The Whisper-style audio encoder
+    reads `self.embed_positions.weight` directly instead of calling the embedding, so that shard would stay
+    empty ("size of tensor a (128) must match ... b (0)"): register it as an external parameter of the
+    encoder, which gathers it for the encoder's forward."""
+    import deepspeed
+
+    for module in model.modules():
+        positions = getattr(module, "embed_positions", None)
+        if isinstance(positions, torch.nn.Embedding):
+            deepspeed.zero.register_external_parameter(module, positions.weight)
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _name_shards(out: Path, files: list[str]) -> None:
+    """One shard -> model.safetensors; several -> model-0000i-of-0000n.safetensors + the HF index."""
+    import json
+
+    from safetensors import safe_open
+
+    if len(files) == 1:
+        (out / files[0]).rename(out / "model.safetensors")
+        return
+    weight_map = {}
+    for i, name in enumerate(files, 1):
+        final = f"model-{i:05d}-of-{len(files):05d}.safetensors"
+        (out / name).rename(out / final)
+        with safe_open(str(out / final), "pt") as f:
+            weight_map.update({key: final for key in f.keys()})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
 
 
 def _pad(rows: list[list[float]], width: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Learner -> rollout weight format: transformers parameter names rewritten to the published checkpoint
 layout (what vLLM's loaders expect), grouped into safetensors-serialised buckets.
 
-Why buckets and not one call per parameter: remote calls dominate sync time (REFERENCE.md). Why whole
+Why buckets and not one call per parameter: remote calls dominate sync time (RL systems that sent one call per
+parameter saw 200+ calls push a sync past 120 s). Why whole
 layers per bucket, in order: vLLM's in-place reload buffers a layer until all of its tensors arrived (q/k/v
 are one fused `qkv_proj`, gate/up one `gate_up_proj`), so tensors grouped by layer keep those buffers small,
 and a receiver may reload bucket by bucket without ever splitting a layer across reload calls.
@@ -9,7 +10,7 @@ and a receiver may reload bucket by bucket without ever splitting a layer across
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -72,6 +73,55 @@ def layer_group(name: str) -> str:
     return match.group(1) if match else name.rpartition(".")[0]
 
 
+def group_by_layer(state_dict: Mapping[str, "torch.Tensor"], arch: str,
+                   skip_prefixes: tuple[str, ...] = ()) -> dict[str, dict[str, "torch.Tensor"]]:
+    """{layer group: {published name: tensor}} in state_dict order (the bucket boundaries)."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for hf_name, tensor in state_dict.items():
+        name = hf_to_checkpoint_names(hf_name, arch)
+        if skip_prefixes and name.startswith(skip_prefixes):
+            continue
+        groups.setdefault(layer_group(name), {})[name] = tensor
+    return groups
+
+
+def iter_weight_buckets(groups: Iterable[Mapping[str, "torch.Tensor"]], bucket_bytes: int, *,
+                        dtype: "torch.dtype | None" = None) -> Iterator[bytes]:
+    """Whole layer groups (published names, in order) -> safetensors buckets, each yielded as soon as it is
+    full, so a caller that gathers groups one at a time (ZeRO-3) never holds more than a bucket and a group.
+
+    Buckets are at most `bucket_bytes` unless one group alone is larger. `dtype` casts floating tensors
+    before serialising (e.g. bf16 to halve the transfer).
+    """
+    import torch
+    from safetensors.torch import save
+
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+    current: dict[str, torch.Tensor] = {}
+    current_bytes = 0
+    seen_storage: set[int] = set()
+    for group in groups:
+        prepared = {}
+        for name, tensor in group.items():
+            t = tensor.detach()
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            t = t.to("cpu").contiguous()
+            if t.untyped_storage().data_ptr() in seen_storage:  # tied / aliased: safetensors refuses shared storage
+                t = t.clone()
+            seen_storage.add(t.untyped_storage().data_ptr())
+            prepared[name] = t
+        size = sum(t.numel() * t.element_size() for t in prepared.values())
+        if current and current_bytes + size > bucket_bytes:
+            yield save(current)
+            current, current_bytes, seen_storage = {}, 0, {t.untyped_storage().data_ptr() for t in prepared.values()}
+        current.update(prepared)
+        current_bytes += size
+    if current:
+        yield save(current)
+
+
 def export_weight_buckets(
     state_dict: Mapping[str, "torch.Tensor"],
     bucket_bytes: int,
@@ -82,46 +132,12 @@ def export_weight_buckets(
 ) -> list[bytes]:
     """Serialise a transformers state_dict as safetensors buckets in the published key layout.
 
-    Buckets hold whole layer groups (see module docstring) and are at most `bucket_bytes` unless one group
-    alone is larger. `dtype` casts floating tensors before serialising (e.g. bf16 to halve the transfer);
     `skip_prefixes` drops published names (e.g. `("thinker.visual.",)`: a vLLM engine serving audio only
-    holds no vision tower and would ignore them anyway).
+    holds no vision tower and would ignore them anyway). See `iter_weight_buckets`.
     """
-    import torch
-    from safetensors.torch import save
-
-    if bucket_bytes <= 0:
-        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
     arch = arch or detect_arch_from_names(state_dict)
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    seen_storage: set[int] = set()
-    for hf_name, tensor in state_dict.items():
-        name = hf_to_checkpoint_names(hf_name, arch)
-        if skip_prefixes and name.startswith(skip_prefixes):
-            continue
-        t = tensor.detach()
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        t = t.to("cpu").contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in seen_storage:  # tied / aliased tensors: safetensors refuses shared storage
-            t = t.clone()
-        seen_storage.add(t.untyped_storage().data_ptr())
-        groups.setdefault(layer_group(name), {})[name] = t
-
-    buckets: list[bytes] = []
-    current: dict[str, torch.Tensor] = {}
-    current_bytes = 0
-    for group in groups.values():
-        size = sum(t.numel() * t.element_size() for t in group.values())
-        if current and current_bytes + size > bucket_bytes:
-            buckets.append(save(current))
-            current, current_bytes = {}, 0
-        current.update(group)
-        current_bytes += size
-    if current:
-        buckets.append(save(current))
-    return buckets
+    return list(iter_weight_buckets(group_by_layer(state_dict, arch, skip_prefixes).values(), bucket_bytes,
+                                    dtype=dtype))
 
 
 def load_bucket(data: bytes) -> dict[str, "torch.Tensor"]:

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from sari_ray import metrics
-from sari_ray.actors.wiring import split_evenly
+from sari_ray.batching import split_evenly
 from sari_ray.config import load_config
 from sari_ray.train import ray_init_kwargs
 

@@ -101,7 +101,11 @@ def test_dr_grpo_and_dapo_normalisers():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.float32)
     assert grpo.aggregate_loss(per_token, mask, "dr_grpo", max_completion_length=10).item() == pytest.approx(3 / 20)
     assert grpo.aggregate_loss(per_token, mask, "dapo").item() == pytest.approx(1.0)
-    assert grpo.aggregate_loss(per_token, mask, "dapo", num_items_in_batch=6).item() == pytest.approx(0.5)
+    step = grpo.StepNormalizer(num_tokens=6, num_sequences=4)  # this batch is part of a larger step
+    assert grpo.aggregate_loss(per_token, mask, "dapo", normalizer=step).item() == pytest.approx(0.5)
+    assert grpo.aggregate_loss(per_token, mask, "grpo", normalizer=step).item() == pytest.approx(0.5)
+    assert grpo.aggregate_loss(per_token, mask, "dr_grpo", max_completion_length=10,
+                               normalizer=step).item() == pytest.approx(3 / 40)
     with pytest.raises(ValueError, match="max_completion_length"):
         grpo.aggregate_loss(per_token, mask, "dr_grpo")
 
@@ -123,9 +127,10 @@ def _loop_reference(lp, old, adv, mask, eps_lo, eps_hi, beta, ref, loss_type, ma
                 d = ref[i][t] - lp[i][t]
                 v += beta * (math.exp(d) - d - 1)
             s, n = s + v, n + 1
-        rows.append(s / max(n, 1))
+        if n:  # sequences with no active token count nowhere
+            rows.append(s / n)
         total, ntok = total + s, ntok + n
-    return {"grpo": sum(rows) / B, "bnpo": total / ntok, "dr_grpo": total / (B * max_len)}[loss_type]
+    return {"grpo": sum(rows) / len(rows), "bnpo": total / ntok, "dr_grpo": total / (len(rows) * max_len)}[loss_type]
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
@@ -258,3 +263,75 @@ def test_logic_layer_imports_without_engines():
     code = ("import sys\nfor m in ('ray', 'vllm', 'deepspeed', 'mlflow', 'transformers'): sys.modules[m] = None\n"
             "import sari_ray.grpo, sari_ray.curriculum\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# ---------------------------------------------------------------------------------------------- split == whole
+def _split_step_gradient(loss_type, lp, old, adv, mask, ranks, micro, **kw):
+    """Gradient of one optimizer step run as the learner runs it: `ranks` data-parallel ranks, each with
+    `micro` micro-batches, the step's counts all-reduced into one StepNormalizer, each micro-batch loss
+    scaled by world_size (DeepSpeed averages gradients over ranks), gradients accumulated then averaged."""
+    normalizer = grpo.StepNormalizer.from_mask(mask)  # == the all-reduce of the per-rank counts
+    local = [grpo.StepNormalizer.from_mask(m) for m in mask.chunk(ranks)]
+    assert sum(n.num_tokens for n in local) == normalizer.num_tokens
+    assert sum(n.num_sequences for n in local) == normalizer.num_sequences
+    grads = []
+    for rank_rows in torch.arange(len(lp)).chunk(ranks):
+        leaf = lp.detach().clone().requires_grad_(True)
+        for rows in rank_rows.chunk(micro):
+            rows_kw = {k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+            loss, _ = grpo.policy_loss(leaf[rows], old[rows], adv[rows], mask[rows], loss_type=loss_type,
+                                       normalizer=normalizer, max_completion_length=7, **rows_kw)
+            (loss * ranks).backward()
+        grads.append(leaf.grad)
+    return torch.stack(grads).mean(0)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_step_gradient_is_the_same_however_the_batch_is_split(loss_type, beta):
+    """2 ranks x 2 micro-batches == one process, one batch (lengths [2, 2, 10, 10]-style imbalance, a padding
+    row, a truncation-masked row). Before StepNormalizer, dapo's short-completion tokens got 5x the gradient."""
+    g = torch.Generator().manual_seed(3)
+    B, T = 8, 10
+    lp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 2
+    old = lp + 0.1 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    ref = lp + 0.2 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    sampling = lp + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    mask = torch.zeros(B, T, dtype=torch.float64)
+    for i, n in enumerate([2, 2, 10, 10, 3, 0, 7, 5]):  # row 5: a padding / truncation-masked row
+        mask[i, :n] = 1
+    kw = dict(beta=beta, ref_logprobs=ref if beta else None, sampling_logprobs=sampling)
+    whole = lp.clone().requires_grad_(True)
+    loss, _ = grpo.policy_loss(whole, old, adv, mask, loss_type=loss_type, max_completion_length=7, **kw)
+    loss.backward()
+    split = _split_step_gradient(loss_type, lp, old, adv, mask, ranks=2, micro=2, **kw)
+    assert (split - whole.grad).abs().max().item() <= 1e-6
+    if loss_type in ("bnpo", "dapo") and beta == 0:  # on-policy, every active token weighs the same
+        split = _split_step_gradient(loss_type, lp, lp, adv, mask, ranks=2, micro=2)
+        per_token = (split / -adv[:, None])[mask > 0]
+        assert torch.allclose(per_token, per_token.new_full(per_token.shape, 1 / mask.sum().item()))
+
+
+def test_truncated_importance_sampling_hand_computed():
+    """On-policy (ratio 1), one token each: weight = min(exp(learner - sampler), cap) times -A."""
+    lp = torch.tensor([[math.log(0.5), math.log(0.2)]], requires_grad=True)
+    sampler = torch.tensor([[math.log(0.4), math.log(0.05)]])  # ratios 1.25 and 4.0 (capped at 2)
+    mask = torch.ones(1, 2)
+    loss, m = grpo.policy_loss(lp, None, torch.tensor([1.0]), mask, loss_type="bnpo",
+                               sampling_logprobs=sampler, importance_sampling_cap=2.0)
+    assert loss.item() == pytest.approx(-(1.25 + 2.0) / 2, rel=1e-6)
+    loss.backward()
+    assert lp.grad[0].tolist() == pytest.approx([-1.25 / 2, -2.0 / 2], rel=1e-6)  # weights are detached
+    assert m["grpo/is_ratio_mean"].item() == pytest.approx((1.25 + 4.0) / 2, rel=1e-6)
+    assert m["grpo/is_ratio_max"].item() == pytest.approx(4.0, rel=1e-6)
+    assert m["grpo/is_capped_fraction"].item() == pytest.approx(0.5)
+    plain, m0 = grpo.policy_loss(lp, None, torch.tensor([1.0]), mask, loss_type="bnpo")
+    assert plain.item() == pytest.approx(-1.0) and "grpo/is_ratio_mean" not in m0
+
+
+def test_k1_as_a_loss_term_is_refused():
+    with pytest.raises(ValueError, match="k1.*zero expected gradient"):
+        GRPOSettings(beta=0.04, kl_estimator="k1").validate()
+    GRPOSettings(beta=0.0, kl_estimator="k1").validate()  # no KL term: nothing to refuse
+    GRPOSettings(beta=0.04, kl_estimator="k2").validate()
