@@ -339,7 +339,7 @@ def prepare_model(cfg) -> str:
 
 def ray_init_kwargs(cfg) -> dict[str, Any]:
     """Attach to a cluster if one is named (or we run inside a submitted job), else start a local one whose
-    custom resources cover the configured actors."""
+    custom resources cover the configured actors, bound to 127.0.0.1."""
     import os
 
     if cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
@@ -349,9 +349,10 @@ def ray_init_kwargs(cfg) -> dict[str, Any]:
         for name, amount in group.resources.items():
             resources[name] = resources.get(name, 0.0) + amount * group.num_workers
     needed = cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker + cfg.learner.num_workers * cfg.learner.num_cpus_per_worker
-    # "local": always a fresh cluster; None would attach to any cluster recorded on this machine
-    return {"address": "local", "num_cpus": cfg.cluster.num_cpus or needed, "resources": resources,
-            "include_dashboard": False, "log_to_driver": True}
+    from sari_ray.deploy.local_ray import local_cluster_kwargs
+
+    # a fresh single-node cluster, every Ray process bound to 127.0.0.1 (see sari_ray/deploy/local_ray.py)
+    return {**local_cluster_kwargs(cfg.cluster.num_cpus or needed, resources), "log_to_driver": True}
 
 
 def latest_checkpoint(out: Path) -> Path | None:
