@@ -186,7 +186,7 @@ def validate_samples(samples: Sequence[AudioMCQ], *, check_audio: bool = True,
                    "or allow it with data.allow_external_audio=true / --allow-external-audio")
         elif check_audio:
             if sample.audio not in audio_outcome:
-                outcome, was_truncated = _check_audio(sample.audio)
+                outcome, was_truncated = check_audio_file(sample.audio)
                 audio_outcome[sample.audio] = outcome
                 truncated += was_truncated
             if audio_outcome[sample.audio] is not None:
@@ -223,8 +223,9 @@ def validate_file(path: str | Path, format: str = "jsonl", audio_dir: str | Path
                             data_dir=None if allow_external_audio else parsed.base)
 
 
-def _check_audio(path) -> tuple[tuple[str, str] | None, bool]:
-    """((kind, reason) or None, truncated). Decodes the clip and keeps nothing of it."""
+def check_audio_file(path) -> tuple[tuple[str, str] | None, bool]:
+    """((kind, reason) or None, truncated): whether the models can take this clip (it exists, decodes, holds
+    at least MIN_AUDIO_SAMPLES at 16 kHz). Decodes the clip and keeps nothing of it."""
     from sari_ray.data.audio import AudioDecodeError, load_audio
 
     if not isinstance(path, str) or not path:

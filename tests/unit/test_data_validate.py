@@ -283,8 +283,8 @@ def test_audio_outside_the_data_folder_is_refused_and_not_opened(data_folder, mo
     import sari_ray.data.validate as validate
 
     opened = []
-    real = validate._check_audio
-    monkeypatch.setattr(validate, "_check_audio", lambda path: opened.append(path) or real(path))
+    real = validate.check_audio_file
+    monkeypatch.setattr(validate, "check_audio_file", lambda path: opened.append(path) or real(path))
     with pytest.raises(DataValidationError) as caught:
         validate_file(data_folder / "d.jsonl")
     problems = caught.value.report.problems
@@ -299,7 +299,7 @@ def test_external_audio_is_opened_when_allowed(data_folder, tmp_path, monkeypatc
     import sari_ray.data.validate as validate
 
     opened = []
-    monkeypatch.setattr(validate, "_check_audio", lambda path: opened.append(path) or (None, False))
+    monkeypatch.setattr(validate, "check_audio_file", lambda path: opened.append(path) or (None, False))
     assert validate_file(data_folder / "d.jsonl", allow_external_audio=True).ok
     assert opened == [str(data_folder / "in.wav"), str(tmp_path / "outside.wav"), "/etc/passwd"]
 
