@@ -1,7 +1,8 @@
 """Typed training configuration: OmegaConf structured dataclasses, one per layer.
 
 Load with `load_config(["configs/sari_qwen2_audio_7b.yaml", "configs/ablations/free.yaml"], ["grpo.beta=0"])`:
-later files (ablation overlays) and then `key=value` overrides win. An unknown key, an ill-typed value or a
+later files (ablation overlays) and then `key=value` overrides win; an overlay's `caps:` section lowers values
+to a limit (see `_apply_caps`). An unknown key, an ill-typed value or a
 value outside its choices fails at start, naming the key, the bad value and the fix; the result is frozen.
 GRPO knob names follow TRL's GRPOConfig where one exists (num_generations, epsilon, epsilon_high, beta,
 scale_rewards, loss_type, num_iterations, mask_truncated_completions, max_completion_length).
@@ -46,6 +47,7 @@ class ClusterConfig:
     address: str | None = None  # None: attach to RAY_ADDRESS / a submitted job's cluster, else start a local one
     num_cpus: float | None = None  # logical CPUs for a local cluster (may exceed cores; see README)
     torch_threads_per_actor: int = 1  # torch / OMP threads in each learner and rollout actor
+    setup_timeout_s: float = 1800.0  # deadline for actors to start (placement, model load, engine start)
 
 
 @dataclass
@@ -132,10 +134,12 @@ class GRPOConfig:
     epsilon_high: float | None = None  # DAPO clip-higher; None = epsilon
     beta: float = 0.04  # KL to a frozen reference; 0 loads no reference model
     kl_estimator: str = "k3"
-    loss_type: str = "grpo"  # grpo (seq-mean of token-means) | bnpo (token-mean) | dr_grpo
+    loss_type: str = "grpo"  # grpo (seq-mean of token-means) | bnpo = dapo (token-mean over the step) | dr_grpo
     num_iterations: int = 1  # mu: updates per rollout batch
     drop_uniform_groups: bool = False
     mask_truncated_completions: bool = False
+    vllm_importance_sampling_correction: bool = False  # truncated IS vs vLLM's log-probs (TRL); on in bf16 configs
+    vllm_importance_sampling_cap: float = 2.0  # the truncation C of min(pi_learner / pi_vllm, C)
 
 
 @dataclass
@@ -409,7 +413,11 @@ def load_config(paths: str | Path | list | tuple | None = None, overrides: list[
             raise ConfigError(f"config file not found: {path}")
     schema = OmegaConf.structured(TrainConfig)
     try:
-        cfg = OmegaConf.merge(schema, *(OmegaConf.load(p) for p in paths))
+        files = [OmegaConf.load(p) for p in paths]
+        caps = [f.pop("caps") for f in files if "caps" in f]
+        cfg = OmegaConf.merge(schema, *files)
+        for cap in caps:
+            _apply_caps(cfg, cap)
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
@@ -423,6 +431,17 @@ def load_config(paths: str | Path | list | tuple | None = None, overrides: list[
     _check_values(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def _apply_caps(cfg: DictConfig, caps: DictConfig) -> None:
+    """An overlay's `caps: {dotted.key: limit}`: key = min(key, limit) after the files are merged (before
+    command-line overrides). It shrinks a value without turning on what the config has off: `sft.steps: 2`
+    keeps a config without SFT at 0 steps (configs/overlays/tiny_cpu.yaml)."""
+    for key, limit in caps.items():
+        current = OmegaConf.select(cfg, key, throw_on_missing=True)
+        if current is None or not isinstance(current, (int, float)) or isinstance(current, bool):
+            raise ConfigError(f"caps: '{key}' must name a numeric config key (it is {current!r})")
+        OmegaConf.update(cfg, key, min(current, limit))
 
 
 def _check_values(cfg: DictConfig) -> None:
@@ -493,6 +512,8 @@ def grpo_settings(cfg: DictConfig) -> GRPOSettings:
         epsilon_high=g.epsilon_high, beta=g.beta, kl_estimator=g.kl_estimator, loss_type=g.loss_type,
         num_iterations=g.num_iterations, drop_uniform_groups=g.drop_uniform_groups,
         mask_truncated_completions=g.mask_truncated_completions, max_completion_length=g.max_completion_length,
+        vllm_importance_sampling_correction=g.vllm_importance_sampling_correction,
+        vllm_importance_sampling_cap=g.vllm_importance_sampling_cap,
     )
 
 

@@ -325,7 +325,7 @@ def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor, chunk_size: in
 # ---------------------------------------------------------------------------------------------- settings
 @dataclass
 class GRPOSettings:
-    """The GRPO knobs (names as in TRL's GRPOConfig; defaults from R1-AQA, see REFERENCE.md)."""
+    """The GRPO knobs (names as in TRL's GRPOConfig; defaults from R1-AQA, arXiv 2503.11197: G=8, beta 0.04 k3)."""
 
     num_generations: int = 8                  # G completions per prompt (R1-AQA: 8)
     scale_rewards: bool = True                # divide by group std (GRPO); False = Dr. GRPO

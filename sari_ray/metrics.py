@@ -30,8 +30,9 @@ def per_sample_accuracy(sample_ids: list[str], scores: list[dict]) -> dict[str, 
 
 
 def mean_over_ranks(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """Mean over learner ranks; `*_max` metrics take the max."""
     keys = per_rank[0].keys()
-    return {k: fmean(r[k] for r in per_rank) for k in keys}
+    return {k: (max if k.endswith("_max") else fmean)(r[k] for r in per_rank) for k in keys}
 
 
 def accuracy_by_tier(correct: list[float], tiers: list[int], prefix: str) -> dict[str, float]:

@@ -22,6 +22,7 @@ from sari_ray import metrics as metrics_lib
 from sari_ray.console import make_console, print_summary, progress_bar, progress_line
 from sari_ray.config import ConfigError, grpo_settings, load_config, to_flat_dict
 from sari_ray.data.prepare import prepare_data
+from sari_ray.batching import split_evenly
 from sari_ray.data.schema import AudioMCQ
 
 CHECKPOINTS = "checkpoints"
@@ -93,8 +94,9 @@ class Trainer:
                 weight_decay=cfg.learner.weight_decay, grpo_settings=grpo_settings(cfg),
                 temperature=cfg.rollout.temperature, seed=cfg.run.seed, device=cfg.run.device,
                 torch_threads=cfg.cluster.torch_threads_per_actor, train_audio_encoder=cfg.learner.train_audio_encoder,
-                gradient_checkpointing=cfg.learner.gradient_checkpointing, max_audio_seconds=cfg.data.max_audio_seconds))
-            start_s = self.rollout.call("ready")
+                gradient_checkpointing=cfg.learner.gradient_checkpointing, max_audio_seconds=cfg.data.max_audio_seconds,
+                reference_path=self.state.get("reference_model")))
+            start_s = wiring.wait_rollout_ready(cfg, self.rollout)
             if checkpoint is not None:
                 self.learners.call("load_checkpoint", str(checkpoint))
                 self.sync_weights()  # engines restart from the base model: give them the checkpoint's weights
@@ -146,8 +148,10 @@ class Trainer:
                 if s["sft_step"] % 10 == 0 or s["sft_step"] == cfg.sft.steps:
                     self.console.print(f"sft {s['sft_step']}/{cfg.sft.steps} loss {m['sft/loss']:.3f}")
             self.sync_weights()
+            self.learners.call("reset_reference")  # the KL pulls toward the SFT policy, not the base model
         s["phase"] = "grpo"
         if cfg.sft.steps > 0:
+            s["reference_model"] = str(self.out / CHECKPOINTS / "step_000000" / "model")  # what a resume loads
             self.save_checkpoint()
             eval_metrics = self.evaluate()
             self.tracker.log_metrics({f"after_sft/{k}": v for k, v in eval_metrics.items()}, 0)
@@ -162,6 +166,10 @@ class Trainer:
         with self.phase("rollout"):
             rollouts = self.generate(samples, step)
         completions = [c for r in rollouts for c in r["completions"]]
+        stale = {c["weight_version"] for c in completions} - {self.state["weight_version"]}
+        if stale:
+            raise RuntimeError(f"step {step}: completions generated with weight versions {sorted(stale)}, expected "
+                               f"only {self.state['weight_version']} (a rollout worker missed a weight sync)")
         expanded = [s for s in samples for _ in range(cfg.grpo.num_generations)]
         with self.phase("reward"):
             scores = _get(self.reward.score.remote([c["text"] for c in completions], [s.to_dict() for s in expanded]))
@@ -182,7 +190,7 @@ class Trainer:
         m.update(self.timings)
         m.update({"sync/bytes": sync["bytes"], "sync/seconds": sync["seconds"], "learn/records": len(records),
                   "throughput/completions_per_s": len(completions) / max(self.timings["time/rollout"], 1e-9),
-                  "rollout/weight_version": min(c["weight_version"] for c in completions)})
+                  "rollout/weight_version": self.state["weight_version"]})
         self.state["curve"].append([step, m["reward/mean"], m["throughput/completions_per_s"], sync["seconds"],
                                     int(m.get("curriculum/tier", 0))])
         if promotion is not None:
@@ -204,13 +212,13 @@ class Trainer:
 
     def generate(self, samples: list[AudioMCQ], step: int) -> list[dict]:
         """Prompts spread across rollout workers (adding workers raises throughput)."""
-        from sari_ray.actors.wiring import split_evenly
-
         cfg = self.cfg
-        shards = split_evenly([s.to_dict() for s in samples], len(self.rollout))
+        g = cfg.grpo.num_generations
+        base = (cfg.run.seed * 1_000_003 + step) * 1_000_000  # a prompt's seeds depend on its place, not its worker
+        rows = [{**s.to_dict(), "_seed": base + i * g} for i, s in enumerate(samples)]
         per_worker = self.rollout.call_sharded(
-            "generate", shards, cfg.prompt.style, n=cfg.grpo.num_generations, temperature=cfg.rollout.temperature,
-            top_p=cfg.rollout.top_p, max_tokens=cfg.grpo.max_completion_length, seed=cfg.run.seed * 1_000_003 + step)
+            "generate", split_evenly(rows, len(self.rollout)), cfg.prompt.style, n=g,
+            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, max_tokens=cfg.grpo.max_completion_length)
         return [r for shard in per_worker for r in shard]
 
     def training_records(self, rollouts: list[dict], scores: list[dict]) -> list[dict]:
@@ -238,28 +246,23 @@ class Trainer:
     def _shard_for_learners(self, rows: list[dict], weight_key: str) -> list[list[dict]]:
         """Equal-size shards so every rank runs the same number of micro-batches: padding rows repeat real
         ones with `weight_key` = 0 (no loss, no gradient)."""
-        from sari_ray.actors.wiring import split_evenly
-
         n = len(self.learners)
         pad = (-len(rows)) % n
         rows = rows + [{**rows[i % len(rows)], weight_key: 0.0} for i in range(pad)]
         return split_evenly(rows, n)
 
     def sync_weights(self) -> dict[str, float]:
-        """Learner rank 0 -> object store (bucketed) -> every rollout worker reloads in place."""
-        import ray
-
+        """Learner ranks gather (ZeRO-3) -> rank 0 puts buckets in the object store -> every rollout worker
+        reloads in place."""
         t0 = time.perf_counter()
         bucket = int(self.cfg.learner.sync_bucket_mb * 2**20)
-        refs = ray.get(self.learners.actors[0].export_weight_bucket_refs.remote(bucket))
+        refs = self.learners.call("export_weight_bucket_refs", bucket)[0]  # every rank gathers; rank 0 ships
         self.state["weight_version"] += 1
         results = self.rollout.call("load_weights", refs, self.state["weight_version"])
         return {"bytes": float(results[0]["bytes"]), "seconds": time.perf_counter() - t0, "buckets": len(refs)}
 
     def evaluate(self) -> dict[str, float]:
         """Greedy held-out accuracy by tier, with real and (optionally) silent audio, across rollout workers."""
-        from sari_ray.actors.wiring import split_evenly
-
         cfg = self.cfg
         samples = self.eval_set[: cfg.eval.max_samples]
         shards = split_evenly([s.to_dict() for s in samples], len(self.rollout))

@@ -26,13 +26,15 @@ class RolloutWorker:
         return self.start_seconds
 
     def generate(self, samples: list[dict], style: str, *, n: int, temperature: float, top_p: float,
-                 max_tokens: int, seed: int) -> list[dict]:
-        """G completions per sample: ids, sampling log-probs, finish reasons, the weight version used."""
+                 max_tokens: int, seed: int | None = None) -> list[dict]:
+        """G completions per sample: ids, sampling log-probs, finish reasons, the weight version used.
+        Rows may carry their own `_seed` (the driver's), which wins over `seed`."""
+        seeds = [row.pop("_seed") for row in samples] if samples and "_seed" in samples[0] else seed
         parsed = [AudioMCQ.from_dict(row) for row in samples]
         prompts = [render_prompt(build_messages(s, PromptStyle(style)), self.processor) for s in parsed]
         audios = [load_audio(s.audio, max_seconds=self.max_audio_seconds).samples for s in parsed]
         outputs = self.engine.generate(prompts, audios, n=n, temperature=temperature, top_p=top_p,
-                                       max_tokens=max_tokens, seed=seed)
+                                       max_tokens=max_tokens, seed=seeds)
         return [{"sample_id": s.id, "prompt": p, "completions": [asdict(c) for c in comps]}
                 for s, p, comps in zip(parsed, prompts, outputs)]
 
@@ -56,6 +58,10 @@ class RolloutWorker:
 
     def weights_checksum(self) -> float:
         return self.engine.weights_checksum()
+
+    def param_sums(self) -> list[dict[str, float]]:
+        """Per engine rank {vLLM parameter name: float64 sum} (compare with `weight_buckets.compare_param_sums`)."""
+        return self.engine.param_sums()
 
     def weight_version(self) -> int:
         return self.engine.weight_version

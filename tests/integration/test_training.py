@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 
@@ -15,9 +14,9 @@ def test_rollout_weights_equal_learner_weights_after_every_sync(short_training_r
     checks = short_training_run["checks"]
     assert len(checks) == 1 + 4  # after SFT and after each GRPO step
     for check in checks:
-        assert len(set(check["learner"])) == 1, f"learner ranks diverged: {check}"
-        for value in check["rollout"]:
-            assert math.isclose(value, check["learner"][0], rel_tol=1e-6, abs_tol=1e-3), check
+        assert check["ranks_agree"], f"learner ranks diverged: {check['label']}"
+        assert check["tensors"] == 66, check  # every tensor of the tiny Qwen2-Audio is compared by name
+        assert check["mismatches"] == [[]], check
         assert check["versions"] == [check["expected_version"]], check
     versions = [c["expected_version"] for c in checks]
     assert versions == sorted(set(versions)), "every sync bumps the weight version"
@@ -75,3 +74,13 @@ def test_resume_continues_same_data_order_and_mlflow_run(short_training_run, tmp
     assert resumed == reference
     history = MlflowClient(mlflow_server).get_metric_history(first["mlflow_run_id"], "reward/mean")
     assert sorted(m.step for m in history) == [1, 2, 3, 4]
+    # and the same policy: the learner's weights after the resumed steps equal the uninterrupted run's
+    # (sampling seeds follow a prompt's place in the batch, not the worker that serves it)
+    from safetensors.torch import load_file
+
+    final = "checkpoints/step_000004/model/model.safetensors"
+    uninterrupted = load_file(short_training_run["output_dir"] / final)
+    resumed_weights = load_file(tmp_path / final)
+    assert uninterrupted.keys() == resumed_weights.keys()
+    diff = max(float((uninterrupted[k] - resumed_weights[k]).abs().max()) for k in uninterrupted)
+    assert diff <= 1e-6, f"resumed weights differ from the uninterrupted run's by up to {diff}"

@@ -33,7 +33,7 @@ def test_rollout_metrics_and_per_sample_accuracy():
 
 def test_local_cluster_offers_the_custom_resources_the_actors_request(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "demo_cpu.yaml", ["rollout.num_workers=3", "learner.num_workers=2"])
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "demo_cpu.yaml", ["rollout.num_workers=3", "learner.num_workers=2", "cluster.num_cpus=5"])
     kwargs = ray_init_kwargs(cfg)
     assert kwargs["address"] == "local"
     assert kwargs["resources"] == {"rollout_slot": 3.0, "learner_slot": 2.0}
