@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Sequence
+from typing import Any
 
 LETTERS = string.ascii_uppercase  # option labels, as `prompts.format_choices` renders them: (A), (B), ...
 END_OF_TURN_MARKERS = ("<|im_end|>", "<|endoftext|>")  # Qwen2-Audio / Qwen2.5-Omni end-of-turn tokens
@@ -55,6 +56,26 @@ def last_answer_span(text: str) -> str | None:
     """
     spans = _ANSWER_RE.findall(text)
     return spans[-1] if spans else None
+
+
+def listed_choices(sample: Any) -> list[str]:
+    """The options in the order the source lists them, repeats included: what option letters refer to.
+
+    Why: MMAU repeats a choice verbatim in 27 test-mini items and the reader keeps `choices` unique (the
+    published list goes to `extra["original_choices"]`); with `zero, zero, seven, one` the official letter
+    of `one` is D, but it is C in the de-duplicated list. Prompts letter this list and the scorer maps
+    letters through it, so a letter means the published option. Duck-typed: any object with `choices`
+    (and optionally `extra`).
+    """
+    choices = list(sample.choices)
+    listed = (getattr(sample, "extra", None) or {}).get("original_choices")
+    if listed is None:
+        return choices
+    if not isinstance(listed, list) or list(dict.fromkeys(listed)) != choices:
+        raise ValueError(
+            f"sample {getattr(sample, 'id', '?')!r}: extra['original_choices'] {listed!r} is not choices "
+            f"{choices!r} with repeats; the option letters would be ambiguous")
+    return list(listed)
 
 
 def choice_index(candidate: str, choices: Sequence[str]) -> int | None:

@@ -16,6 +16,7 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from sari_ray.answers import listed_choices
 from sari_ray.data.schema import AudioMCQ
 from sari_ray.mmau import judge, score_predictions
 
@@ -68,8 +69,11 @@ def k_ladder(num_samples: int) -> list[int]:
 
 
 def named_choice(output: str | None, choices: Sequence[str]) -> str | None:
-    """The one choice the MMAU rule would accept for this output, or None (no answer, or ambiguous)."""
-    hits = [c for c in choices if judge(output, choices, c)]
+    """The one choice the MMAU rule would accept for this output, or None (no answer, or ambiguous).
+
+    `choices` may repeat a text (a published listing, see `answers.listed_choices`): a repeat is one choice.
+    """
+    hits = list(dict.fromkeys(c for c in choices if judge(output, choices, c)))
     return hits[0] if len(hits) == 1 else None
 
 
@@ -151,7 +155,7 @@ def summarize(samples: Sequence[AudioMCQ], records: Sequence[Mapping[str, Any]],
     })
     if num_samples > 1:
         by_id = {r["id"]: r for r in records}
-        votes = {s.id: majority_vote(by_id[s.id]["outputs"], s.choices) for s in samples}
+        votes = {s.id: majority_vote(by_id[s.id]["outputs"], listed_choices(s)) for s in samples}
         vote_metrics = scored(samples, votes)
         metrics["majority_vote"] = {key: vote_metrics[key] for key in ("total", *GROUPS)}
         metrics["pass_at_k"] = pass_at_k_table(samples, records, k_ladder(num_samples))

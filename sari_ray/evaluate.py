@@ -99,7 +99,7 @@ def generate_predictions(engine: Any, processor: Any, samples: Sequence[AudioMCQ
     outputs / extracted_all / correct_all (K each). temperature None: greedy for K = 1, 1.0 for K > 1.
     Audio is decoded one batch at a time, so memory stays bounded on the full benchmark.
     """
-    from sari_ray.answers import extract_answer
+    from sari_ray.answers import extract_answer, listed_choices
     from sari_ray.data.audio import load_audio
     from sari_ray.mmau import judge
     from sari_ray.prompts import build_messages, render_prompt
@@ -119,8 +119,9 @@ def generate_predictions(engine: Any, processor: Any, samples: Sequence[AudioMCQ
                                    max_tokens=max_tokens, seed=seed)
             for s, completions in zip(batch, outs):
                 texts = [c.text for c in completions]
-                extracted = [extract_answer(t, s.choices) for t in texts]
-                correct = [judge(t, s.choices, s.answer) for t in texts]
+                choices = listed_choices(s)  # a letter names the option at that position of the listing
+                extracted = [extract_answer(t, choices) for t in texts]
+                correct = [judge(t, choices, s.answer) for t in texts]
                 record = {"id": s.id, "model_output": texts[0], "extracted": extracted[0], "correct": correct[0],
                           "finish_reason": completions[0].finish_reason}
                 if num_samples > 1:

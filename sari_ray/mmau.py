@@ -6,7 +6,8 @@ The rule (MMAU's evaluation.py, `string_match`): lower-cased `\\b\\w+\\b` word t
 correct iff it holds every token of the answer and none of the tokens that only the other choices have;
 an empty prediction is wrong. Where this project deliberately differs from the official script:
 - the answer is extracted first (`answers.extract_answer`: last `<answer>` pair, option letters mapped to
-  the choice's text), because a bare "A" collides with the word "a" in other choices;
+  the choice's text), because a bare "A" collides with the word "a" in other choices; a letter names the
+  option at that position of the published list, repeats included (`answers.listed_choices`);
 - an item with no prediction counts as wrong and is reported (the official script skips it, shrinking the
   denominator);
 - the answer revision is reported: numbers from before MMAU's 2025-05-15 revision are not comparable.
@@ -24,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sari_ray.answers import extract_answer, word_tokens
+from sari_ray.answers import extract_answer, listed_choices, word_tokens
 from sari_ray.data.schema import AudioMCQ
 
 RULE = "mmau-string-match (official token rule) after answer extraction and letter->choice mapping"
@@ -93,7 +94,7 @@ def score_predictions(
     if dupes:
         raise ValueError(f"duplicate sample ids {dupes}: predictions are keyed by id, so ids must be unique")
     missing = [s.id for s in samples if s.id not in predictions]
-    verdicts = [s.id in predictions and judge(predictions[s.id], s.choices, s.answer) for s in samples]
+    verdicts = [s.id in predictions and judge(predictions[s.id], listed_choices(s), s.answer) for s in samples]
     unexpected = sorted(set(predictions) - set(ids))
     if revision is None:
         revision = KNOWN_REVISIONS.get(answers_fingerprint(samples), "unknown")

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any
 
-from sari_ray.answers import LETTERS
+from sari_ray.answers import LETTERS, listed_choices
 from sari_ray.data.schema import STRUCTURED_PARTS, AudioMCQ
 
 # What Qwen2-Audio's and Qwen2.5-Omni's chat templates emit for one audio clip; vLLM and the processor
@@ -79,7 +79,7 @@ def user_text(sample: AudioMCQ, style: PromptStyle | str) -> str:
         [
             sample.question.strip(),
             CHOOSE,
-            format_choices(sample.choices),
+            format_choices(listed_choices(sample)),  # as the source lists them: letters line up
             f"{INSTRUCTIONS[style]} {ANSWER_WITH_TEXT}",
         ]
     )
