@@ -1,6 +1,7 @@
 """MMAU scoring: the official string-match rule, plus the reporting the official script leaves out.
 
 Run: `sari-ray score --data mmau-test-mini.json --predictions preds.jsonl` (jsonl lines: id, model_output).
+Exit code 2 (no traceback) for unreadable or malformed files and when no prediction matches a sample id.
 
 The rule (MMAU's evaluation.py, `string_match`): lower-cased `\\b\\w+\\b` word tokens; a prediction is
 correct iff it holds every token of the answer and none of the tokens that only the other choices have;
@@ -37,6 +38,7 @@ KNOWN_REVISIONS = {
     ),
 }
 MAX_LISTED_IDS = 20
+MAX_LISTED_ERRORS = 100  # malformed lines shown in the message (all are in `.errors`)
 
 
 def mmau_correct(prediction: str | None, answer: str, choices: Sequence[str]) -> bool:
@@ -114,36 +116,84 @@ def score_predictions(
     }
 
 
+class PredictionsFormatError(ValueError):
+    """Malformed prediction lines; `errors` holds every "file:line: reason", so one run reports them all."""
+
+    def __init__(self, path: str | Path, errors: list[str]):
+        self.path, self.errors = str(path), list(errors)
+        shown = self.errors[:MAX_LISTED_ERRORS]
+        more = f"\n  ... and {len(self.errors) - len(shown)} more" if len(self.errors) > len(shown) else ""
+        super().__init__(f"{path}: {len(self.errors)} malformed prediction line(s):\n  " + "\n  ".join(shown) + more)
+
+
 def read_predictions(path: str | Path) -> dict[str, str | None]:
     """Predictions jsonl: one object per line with `id` and `model_output` (`model_prediction`, the
-    official script's key, is accepted too). A malformed line or a repeated id is an error naming the line.
+    official script's key, is accepted too). Every malformed line and repeated id is collected and raised
+    at once (PredictionsFormatError), each with its 1-based line number, so a broken file is fixed in one pass.
     """
     predictions: dict[str, str | None] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+    errors: list[str] = []
+    first_line: dict[str, int] = {}
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
-                row = json.loads(line)
+                row = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                errors.append(f"{where}: not UTF-8 text")
+                continue
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+                errors.append(f"{where}: not valid JSON ({e.msg})")
+                continue
             if not isinstance(row, dict) or "id" not in row:
-                raise ValueError(f"{where}: expected a JSON object with 'id' and 'model_output'")
+                errors.append(f"{where}: expected a JSON object with 'id' and 'model_output'")
+                continue
             key = "model_output" if "model_output" in row else "model_prediction"
             if key not in row:
-                raise ValueError(f"{where}: no 'model_output' for id {row['id']!r}")
+                errors.append(f"{where}: no 'model_output' for id {row['id']!r}")
+                continue
             output = row[key]
             if output is not None and not isinstance(output, str):
-                raise ValueError(f"{where}: 'model_output' must be a string, got {type(output).__name__}")
+                errors.append(f"{where}: 'model_output' must be a string, got {type(output).__name__}")
+                continue
             sample_id = str(row["id"])
-            if sample_id in predictions:
-                raise ValueError(f"{where}: id {sample_id!r} appears twice")
+            if sample_id in first_line:
+                errors.append(f"{where}: id {sample_id!r} appears twice (first on line {first_line[sample_id]})")
+                continue
+            first_line[sample_id] = lineno
             predictions[sample_id] = output
+    if errors:
+        raise PredictionsFormatError(path, errors)
     return predictions
 
 
+def match_problems(metrics: Mapping[str, Any], n_predictions: int, n_samples: int) -> tuple[list[str], str | None]:
+    """(warnings, error) about how predictions and samples matched up; error when nothing matched.
+
+    Why: predictions for another file (or ids written differently) used to score 0.0 and exit 0, which reads
+    like a model that is always wrong.
+    """
+    unexpected, missing = metrics["n_unexpected"], metrics["n_missing"]
+    matched = n_predictions - unexpected
+    if matched == 0:
+        shown = f" (prediction ids: {metrics['unexpected_ids'][:5]})" if unexpected else ""
+        return [], (f"none of the {n_predictions} predictions matches any of the {n_samples} sample ids{shown}: "
+                    "wrong --data or --predictions, or ids written differently?")
+    warnings = []
+    if unexpected:
+        warnings.append(f"{unexpected} of {n_predictions} predictions match no sample id and are not scored "
+                        f"(first: {metrics['unexpected_ids'][:5]})")
+    if missing:
+        warnings.append(f"{missing} of {n_samples} samples have no prediction and count as wrong "
+                        f"(first: {metrics['missing_ids'][:5]})")
+    return warnings, None
+
+
 def _score_command(args: argparse.Namespace) -> int:
+    """Exit 0 with the metrics JSON on stdout; 2 (message on stderr, no traceback) for unreadable or malformed
+    files and when no prediction matches a sample. Partial matches are scored with a warning on stderr."""
     from sari_ray.data.readers import read_samples  # lazy: `sari-ray --help` must not need the readers
 
     fmt = args.format or ("mmau" if str(args.data).endswith(".json") else "jsonl")
@@ -154,6 +204,12 @@ def _score_command(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"sari-ray score: {e}", file=sys.stderr)
         return 2
+    warnings, error = match_problems(metrics, len(predictions), len(samples))
+    if error:
+        print(f"sari-ray score: {args.predictions} vs {args.data}: {error}", file=sys.stderr)
+        return 2
+    for warning in warnings:
+        print(f"sari-ray score: warning: {warning}", file=sys.stderr)
     print(json.dumps(metrics, indent=2, ensure_ascii=False))
     return 0
 

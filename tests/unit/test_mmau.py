@@ -17,6 +17,7 @@ from sari_ray.answers import LETTERS, extract_answer
 from sari_ray.data.schema import AudioMCQ
 from sari_ray.mmau import (
     KNOWN_REVISIONS,
+    PredictionsFormatError,
     judge,
     mmau_correct,
     read_predictions,
@@ -255,3 +256,55 @@ def test_cli_score_end_to_end(items, tmp_path, capsys):
     bad = _write_jsonl(tmp_path / "bad.jsonl", rows[:2] + ["oops"])
     assert _run_score(["score", "--data", str(MMAU_TEST_MINI), "--predictions", str(bad)]) == 2
     assert "bad.jsonl:3" in capsys.readouterr().err
+
+
+def test_read_predictions_reports_every_malformed_line_at_once(tmp_path):
+    good = {"id": "a", "model_output": "x"}
+    path = _write_jsonl(tmp_path / "p.jsonl", [good, "{not json", {"model_output": "y"}, "", {"id": "b"},
+                                               {"id": "a", "model_output": "z"}, {"id": "c", "model_output": 3}])
+    with open(path, "ab") as f:
+        f.write(b'{"id": "d", "model_output": "\xff"}\n')
+    with pytest.raises(PredictionsFormatError) as err:
+        read_predictions(path)
+    assert err.value.errors == [
+        f"{path}:2: not valid JSON (Expecting property name enclosed in double quotes)",
+        f"{path}:3: expected a JSON object with 'id' and 'model_output'",
+        f"{path}:5: no 'model_output' for id 'b'",
+        f"{path}:6: id 'a' appears twice (first on line 1)",
+        f"{path}:7: 'model_output' must be a string, got int",
+        f"{path}:8: not UTF-8 text",
+    ]
+    assert str(err.value).startswith(f"{path}: 6 malformed prediction line(s):")
+
+
+def test_cli_score_nothing_matches_is_an_error_partial_match_warns(items, tmp_path, capsys):
+    data = ["score", "--data", str(MMAU_TEST_MINI), "--predictions"]
+    other = _write_jsonl(tmp_path / "other.jsonl", [{"id": f"x{i}", "model_output": "A"} for i in range(20)])
+    assert _run_score(data + [str(other)]) == 2
+    captured = capsys.readouterr()
+    assert "none of the 20 predictions matches any of the 1000 sample ids" in captured.err and "'x0'" in captured.err
+    assert captured.out == ""
+    empty = _write_jsonl(tmp_path / "empty.jsonl", [])
+    assert _run_score(data + [str(empty)]) == 2
+    assert "none of the 0 predictions" in capsys.readouterr().err
+
+    rows = [{"id": x["id"], "model_output": x["answer"]} for x in items[:10]] + [{"id": "stray", "model_output": "a"}]
+    assert _run_score(data + [str(_write_jsonl(tmp_path / "some.jsonl", rows))]) == 0
+    captured = capsys.readouterr()
+    assert "warning: 1 of 11 predictions match no sample id and are not scored (first: ['stray'])" in captured.err
+    assert "warning: 990 of 1000 samples have no prediction and count as wrong" in captured.err
+    assert json.loads(captured.out)["total"]["correct"] == 10
+
+
+def test_cli_score_user_errors_exit_2_without_traceback(tmp_path):
+    """The installed command: wrong ids and malformed lines end in one message each, exit 2, no traceback."""
+    import subprocess
+    import sys
+
+    other = _write_jsonl(tmp_path / "other.jsonl", [{"id": "x", "model_output": "A"}])
+    bad = _write_jsonl(tmp_path / "bad.jsonl", ["oops", {"id": "y"}])
+    for preds, message in ((other, "none of the 1 predictions matches"), (bad, "bad.jsonl:1: not valid JSON")):
+        proc = subprocess.run([sys.executable, "-m", "sari_ray.cli", "score", "--data", str(MMAU_TEST_MINI),
+                               "--predictions", str(preds)], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert "bad.jsonl:2: no 'model_output'" in proc.stderr  # every bad line, in the same run
