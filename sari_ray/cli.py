@@ -16,7 +16,7 @@ COMMAND_MODULES = (
     "sari_ray.data.cli",  # data synth | validate | difficulty
     "sari_ray.mmau",  # score
     "sari_ray.train",  # train, demo
-    "sari_ray.evaluate",  # eval
+    "sari_ray.eval_sweep",  # eval (one checkpoint via sari_ray.evaluate, or --run sweeps)
     "sari_ray.deploy.kuberay",  # deploy kuberay
     "sari_ray.benchmarks",  # bench learner-step
 )

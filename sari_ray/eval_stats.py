@@ -24,6 +24,8 @@ Z95 = 1.959963984540054  # two-sided 95% normal quantile
 GROUPS = ("by_task", "by_difficulty", "by_sub_category")
 GROUP_KEYS = {"by_task": "task", "by_difficulty": "difficulty", "by_sub_category": "sub_category"}
 AUDIO_MODES = ("real", "silence", "noise")  # report column order
+SKIP_WORDS = {"missing": "audio file missing", "undecodable": "audio undecodable"}  # problem -> report wording
+MAX_SKIPPED_LISTED = 50  # skipped items listed in report.md (metrics.json lists all)
 
 
 def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -137,8 +139,10 @@ def summarize(samples: Sequence[AudioMCQ], records: Sequence[Mapping[str, Any]],
 
     `records` come from `evaluate.generate_predictions`. The headline accuracy is the first output per item
     (the greedy one when K = 1). With K > 1 also pass@k and majority vote. `skipped` lists the items left
-    out for missing audio; the totals are over the rest, and `accuracy_if_skipped_wrong` is the
-    pessimistic number over every item of the file.
+    out because their audio is missing or does not decode (`evaluate.audio_problems`: id, audio, problem,
+    detail); the totals are over the rest, and `accuracy_if_skipped_wrong` is the pessimistic number over
+    every item of the file. `n_skipped_missing_audio` counts all of them (the name predates undecodable
+    clips; `skipped_by_problem` splits it).
     """
     metrics = scored(samples, {r["id"]: r["model_output"] for r in records})
     n_skipped = len(skipped)
@@ -148,6 +152,7 @@ def summarize(samples: Sequence[AudioMCQ], records: Sequence[Mapping[str, Any]],
         "n_evaluated": len(samples),
         "n_skipped_missing_audio": n_skipped,
         "skipped": list(skipped),
+        "skipped_by_problem": dict(sorted(Counter(s.get("problem", "missing") for s in skipped).items())),
         "accuracy_if_skipped_wrong": total["correct"] / (total["n"] + n_skipped) if total["n"] + n_skipped else 0.0,
         "n_no_answer": sum(r["extracted"] is None for r in records),
         "n_length_cut": sum(r.get("finish_reason") == "length" for r in records),
@@ -204,10 +209,17 @@ def _describe(mode: str, m: Mapping[str, Any]) -> list[str]:
         f"{m['n_length_cut']} hit max_tokens; {meta.get('elapsed_s', 0):.0f} s ({meta.get('created', '')})."
     ]
     if m["n_skipped_missing_audio"]:
+        by_problem = m.get("skipped_by_problem") or {"missing": m["n_skipped_missing_audio"]}
+        why = (SKIP_WORDS.get(next(iter(by_problem)), "audio unusable") if len(by_problem) == 1 else
+               "audio: " + ", ".join(f"{n} {problem}" for problem, n in by_problem.items()))
         lines.append(
-            f"  > **{m['n_skipped_missing_audio']} items skipped (audio file missing)**: the {mode} totals are "
+            f"  > **{m['n_skipped_missing_audio']} items skipped ({why})**: the {mode} totals are "
             f"over {m['n_evaluated']} of {m['n_items']} items. Counting the skipped items as wrong gives "
-            f"{_pct(m['accuracy_if_skipped_wrong'])}%. Skipped ids are listed in the metrics file.")
+            f"{_pct(m['accuracy_if_skipped_wrong'])}%. Skipped items:")
+        for s in m.get("skipped", [])[:MAX_SKIPPED_LISTED]:
+            lines.append(f"  > - `{s['id']}`: `{s['audio']}` ({s.get('detail', 'file not found')})")
+        if len(m.get("skipped", [])) > MAX_SKIPPED_LISTED:
+            lines.append(f"  > - ... and {len(m['skipped']) - MAX_SKIPPED_LISTED} more (all are in the metrics file)")
     return lines
 
 

@@ -11,17 +11,26 @@ sweep.md, accuracy_vs_step.png; and `sweep/accuracy` per step in the run's own M
 tracking URI from the checkpoint's trainer_state.json). Checkpoints already evaluated with the same
 settings are reused, so a sweep can be re-run while training adds checkpoints. One engine serves all
 checkpoints: each one's weights are pushed into it in place and verified by checksum (an engine start
-costs ~30 s on CPU, minutes on GPU); `--fresh-engine` starts one per checkpoint instead.
+costs ~30 s on CPU, minutes on GPU); `--fresh-engine` starts one per checkpoint instead. A checkpoint
+whose evaluation stopped part-way continues from its predictions file when the settings are the same.
+
+This module also owns the `sari-ray eval` command line: a single checkpoint goes to
+`evaluate.checkpoint_command`, `--run` is swept here. That way `evaluate` never imports this module (which
+reaches the trainer's data preparation), so `evaluate` stays importable by the rollout actor without a cycle.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from sari_ray import evaluate
 
 STEP_RE = re.compile(r"step_(\d+)$")
 REUSE_KEYS = ("data", "style", "max_tokens", "audio_mode", "temperature", "seed")
@@ -78,13 +87,12 @@ def sweep_samples(run_dir: Path, cfg, data: str | None, format: str | None, audi
                   limit: int | None) -> tuple[list, str]:
     """(samples, description): `data` if given, else the run's data.eval, else the very held-out split the
     trainer made off data.train (same reader, validation policy, fraction and seed)."""
-    from sari_ray.evaluate import read_eval_samples
-
     if data:
-        return read_eval_samples(data, format or cfg.data.format, audio_dir or cfg.data.audio_dir, limit), str(data)
+        samples = evaluate.read_eval_samples(data, format or cfg.data.format, audio_dir or cfg.data.audio_dir, limit)
+        return samples, str(data)
     from rich.console import Console
 
-    from sari_ray.train import prepare_data
+    from sari_ray.data.prepare import prepare_data
 
     _, held_out = prepare_data(cfg, Console(stderr=True))
     what = cfg.data.eval or f"{cfg.data.train} (held-out split, eval_fraction={cfg.data.eval_fraction}, seed={cfg.run.seed})"
@@ -167,15 +175,16 @@ def sweep_run(run_dir: str | Path, *, data: str | None = None, format: str | Non
     rollout.max_model_len, model.dtype; the questions as in `sweep_samples`). One engine serves every
     checkpoint (weights reloaded in place, checksum-verified) unless `fresh_engine`.
     """
-    from sari_ray.evaluate import _suffix, evaluate_samples, load_engine, split_missing
-
     run_dir = Path(run_dir)
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:
         raise FileNotFoundError(f"no complete checkpoints/step_*/ (model/ + trainer_state.json) under {run_dir}")
     cfg = run_config(run_dir)
     samples, what = sweep_samples(run_dir, cfg, data, format, audio_dir, limit)
-    split_missing(samples, skip_missing)  # before the first engine starts
+    _, skipped = evaluate.split_missing(samples, skip_missing, progress=progress)  # before any engine starts
+    if skipped:
+        print(f"sweep: skipping {len(skipped)} of {len(samples)} items (audio missing or undecodable):\n"
+              f"{evaluate.describe_problems(skipped)}", file=sys.stderr, flush=True)
     style, max_tokens = style or cfg.prompt.style, max_tokens or cfg.grpo.max_completion_length
     if temperature is None:
         temperature = 0.0 if num_samples == 1 else 1.0
@@ -188,21 +197,24 @@ def sweep_run(run_dir: str | Path, *, data: str | None = None, format: str | Non
     try:
         for step, ckpt in checkpoints:
             out = out_root / f"step_{step:06d}"
-            metrics = _reusable(out / f"metrics{_suffix(audio_mode)}.json", wanted, len(samples)) if reuse else None
+            metrics = _reusable(evaluate.output_paths(out, audio_mode)["metrics"], wanted, len(samples)) if reuse else None
             if metrics is None:
-                print(f"sweep: step {step}: evaluating {ckpt / 'model'}", flush=True)
+                meta = {"model": str(ckpt / "model"), "data": what, "step": step}
+                settings = evaluate.eval_settings(style=style, audio_mode=audio_mode, temperature=temperature,
+                                                  max_tokens=max_tokens, seed=seed, num_samples=num_samples, meta=meta)
+                resume = reuse and evaluate.resumable(out, audio_mode, settings)
+                print(f"sweep: step {step}: {'continuing' if resume else 'evaluating'} {ckpt / 'model'}", flush=True)
                 if engine is not None and fresh_engine:
                     engine.shutdown()
                     engine = None
                 if engine is None:
-                    engine, processor = load_engine(ckpt / "model", seed=seed, **engine_kwargs)
+                    engine, processor = evaluate.load_engine(ckpt / "model", seed=seed, **engine_kwargs)
                 else:
                     load_checkpoint_weights(engine, ckpt / "model", step, engine_kwargs.get("dtype") or "float32")
-                metrics = evaluate_samples(engine, processor, samples, style=style, num_samples=num_samples,
-                                           temperature=temperature, max_tokens=max_tokens, audio_mode=audio_mode,
-                                           skip_missing=skip_missing, batch_size=batch_size, progress=progress,
-                                           seed=seed, out_dir=out,
-                                           meta={"model": str(ckpt / "model"), "data": what, "step": step})
+                metrics = evaluate.evaluate_samples(
+                    engine, processor, samples, style=style, num_samples=num_samples, temperature=temperature,
+                    max_tokens=max_tokens, audio_mode=audio_mode, skip_missing=skip_missing, batch_size=batch_size,
+                    progress=progress, seed=seed, out_dir=out, meta=meta, resume=resume)
             rows.append(_row(step, ckpt, metrics))
     finally:
         if engine is not None:
@@ -323,3 +335,92 @@ def log_sweep_to_mlflow(rows: list[dict[str, Any]], ckpt: Path, out_root: Path, 
     for name in ("sweep.csv", "sweep.md", "accuracy_vs_step.png"):
         client.log_artifact(run_id, str(out_root / name), artifact_path="eval_sweep")
     return True
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+def _usage_error(args: argparse.Namespace) -> str | None:
+    if args.run and (args.model or args.out):
+        return "--run sweeps the run's own checkpoints into RUN_DIR/eval_sweep; drop --model / --out"
+    if args.run and args.resume:
+        return "--run continues by itself (evaluated checkpoints are reused, a stopped one resumes); drop --resume"
+    if not args.run and not (args.model and args.data and args.out):
+        return "give --model, --data and --out (or --run RUN_DIR for a sweep)"
+    for name in ("samples", "batch_size", "max_tokens", "limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            return f"--{name.replace('_', '-')} must be >= 1, got {value}"
+    return None
+
+
+def _sweep_command(args: argparse.Namespace) -> int:
+    engine_kwargs = {"max_model_len": args.max_model_len, "dtype": args.dtype,
+                     "gpu_memory_utilization": args.gpu_memory_utilization}
+    fmt = args.format or (("mmau" if str(args.data).endswith(".json") else "jsonl") if args.data else None)
+    try:
+        rows = sweep_run(args.run, data=args.data, format=fmt, audio_dir=args.audio_dir, style=args.style,
+                         max_tokens=args.max_tokens, limit=args.limit, skip_missing=args.skip_missing,
+                         audio_mode=args.audio, engine_kwargs=engine_kwargs, fresh_engine=args.fresh_engine,
+                         log_mlflow=not args.no_mlflow, num_samples=args.samples, temperature=args.temperature,
+                         batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
+    except evaluate.EvalInterrupted as e:
+        print(f"sari-ray eval: {e}".replace("with --resume", "(the sweep resumes it)"), file=sys.stderr)
+        return 2 if isinstance(e.cause, (OSError, ValueError)) else 1
+    except (OSError, ValueError) as e:  # AudioCheckError, DataFormatError, ConfigError, a bad path
+        print(f"sari-ray eval: {e}", file=sys.stderr)
+        return 2
+    except SweepLoggingError as e:  # results written, MLflow not reached
+        print(f"sari-ray eval: {e}", file=sys.stderr)
+        return 1
+    best = best_row(rows)
+    print(f"swept {len(rows)} checkpoints; best: step {best['step']} ({100 * best['accuracy']:.1f}% "
+          f"[{100 * best['ci_low']:.1f}, {100 * best['ci_high']:.1f}]); table and plot in "
+          f"{Path(args.run) / 'eval_sweep'}")
+    return 0
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    """`sari-ray eval`: usage checks, then one checkpoint (`evaluate.checkpoint_command`) or a sweep (`--run`)."""
+    problem = _usage_error(args)
+    if problem:
+        print(f"sari-ray eval: {problem}", file=sys.stderr)
+        return 2
+    return _sweep_command(args) if args.run else evaluate.checkpoint_command(args)
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add `eval` (single checkpoint, or `--run` for a checkpoint sweep)."""
+    p = subparsers.add_parser("eval", help="evaluate a checkpoint (MMAU rule, 95%% CIs) or sweep a run's checkpoints",
+                              description=evaluate.__doc__.splitlines()[0])
+    p.add_argument("--model", help="HF checkpoint directory")
+    p.add_argument("--data", help="questions: MMAU .json, R1-AQA or sari-ray jsonl (sweep default: the run's held-out set)")
+    p.add_argument("--out", help="output directory: predictions.jsonl, metrics.json, report.md")
+    p.add_argument("--run", help="training run directory: evaluate every checkpoints/step_*/model")
+    p.add_argument("--format", choices=("mmau", "r1aqa", "jsonl"), default=None,
+                   help="format of --data (default: mmau for .json, else jsonl; sweep: the run's data.format)")
+    p.add_argument("--audio-dir", default=None, help="directory the data's audio paths are relative to")
+    p.add_argument("--style", choices=("implicit", "free", "structured"), default=None,
+                   help="prompt style (default structured; sweep: the run's prompt.style)")
+    p.add_argument("--samples", type=int, default=1, metavar="K",
+                   help="completions per item; K > 1 adds pass@k and majority vote (temperature 1.0)")
+    p.add_argument("--temperature", type=float, default=None, help="default: 0 (greedy) for K=1, 1.0 for K>1")
+    p.add_argument("--audio", choices=evaluate.AUDIO_MODES, default="real",
+                   help="silence / noise: replace every clip (same duration) to measure text-only accuracy")
+    p.add_argument("--skip-missing", action="store_true",
+                   help="evaluate the items whose audio exists and decodes; the report lists the skipped ones")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the predictions already in --out (same settings; ids already predicted are skipped)")
+    p.add_argument("--batch-size", type=int, default=64, help="items per engine call")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="completion budget (default 256; sweep: the run's grpo.max_completion_length)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items (quick looks)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="vLLM context (default 2048; sweep: the run's rollout.max_model_len); 30 s of audio = 750 tokens")
+    p.add_argument("--dtype", default=None, help="vLLM dtype (default: the engine's)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="vLLM KV-cache fraction (on CPU: of RAM; default: the engine's, 0.3)")
+    p.add_argument("--fresh-engine", action="store_true",
+                   help="sweep: start an engine per checkpoint instead of reloading weights into one")
+    p.add_argument("--no-mlflow", action="store_true", help="sweep: do not log sweep/accuracy to the run's MLflow run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=eval_command)

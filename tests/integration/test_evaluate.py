@@ -8,6 +8,7 @@ time for the 1000 items is printed (run with -s to see it). One vLLM engine at a
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -204,3 +205,40 @@ def test_sweep_over_checkpoints_logs_to_mlflow(tiny_qwen2_audio, mmau_audio_dir,
 
     monkeypatch.setattr(evaluate, "load_engine", lambda *a, **k: pytest.fail("an engine started"))
     assert cli(["eval", "--run", str(run_dir), "--no-progress"]) == 0
+
+
+def test_corrupt_clip_skipped_and_run_resumed_with_a_real_engine(tiny_qwen2_audio, mmau_audio_dir, tmp_path, capsys):
+    """A corrupt clip is found before the engine starts and skipped (listed by id and file); a later run with a
+    larger --limit and --resume predicts only the new items and keeps the earlier predictions as they were."""
+    items = json.loads(MMAU_TEST_MINI.read_text())[:24]
+    (tmp_path / "data.json").write_text(json.dumps(items))
+    audio = tmp_path / "audio"
+    for i, item in enumerate(items):
+        dst = audio / item["audio_id"]
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if i == 5:
+            dst.write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt " + b"\x00" * 40)  # a header and no audio
+        else:
+            dst.symlink_to(mmau_audio_dir / item["audio_id"])
+    bad = os.path.normpath(audio / items[5]["audio_id"])
+    out = tmp_path / "out"
+    argv = ["eval", "--model", str(tiny_qwen2_audio), "--data", str(tmp_path / "data.json"), "--format", "mmau",
+            "--audio-dir", str(audio), "--out", str(out), "--max-tokens", MAX_TOKENS, "--style", "implicit",
+            "--no-progress", "--skip-missing"]
+    assert cli(argv + ["--limit", "12"]) == 0
+    err = capsys.readouterr().err
+    assert "skipping 1 of 12 items" in err and f"{items[5]['id']}: {bad} (cannot decode:" in err
+    first = (out / "predictions.jsonl").read_text().splitlines()
+    assert len(first) == 11 and items[5]["id"] not in "".join(first)
+
+    assert cli(argv + ["--limit", "24"]) == 2  # would overwrite finished work: refused
+    assert "already holds 11 predictions" in capsys.readouterr().err
+
+    assert cli(argv + ["--limit", "24", "--resume"]) == 0
+    preds = (out / "predictions.jsonl").read_text().splitlines()
+    assert preds[:11] == first and [json.loads(p)["id"] for p in preds] == [x["id"] for i, x in enumerate(items) if i != 5]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["meta"]["n_resumed"] == 11 and metrics["total"]["n"] == 23 and metrics["n_items"] == 24
+    assert metrics["skipped"] == [{"id": items[5]["id"], "audio": bad, "problem": "undecodable",
+                                   "detail": metrics["skipped"][0]["detail"]}]
+    _assert_sums(metrics)

@@ -7,6 +7,7 @@ import itertools
 import json
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -172,16 +173,42 @@ def test_replace_audio_modes():
 
 
 def test_missing_audio_lists_every_file_or_skips(tmp_path):
+    from sari_ray.data.audio import write_wav
+
     samples = _samples(6)
     for s in samples[::2]:
-        s.audio = str(tmp_path / f"{s.id}.wav")
-        (tmp_path / f"{s.id}.wav").write_bytes(b"")
-    with pytest.raises(evaluate.MissingAudioError) as err:
+        s.audio = str(write_wav(tmp_path / f"{s.id}.wav", 0.1 * np.ones(800, np.float32), 16000))
+    with pytest.raises(evaluate.AudioCheckError) as err:
         evaluate.split_missing(samples, skip_missing=False)
-    assert [i for i, _ in err.value.missing] == ["q1", "q3", "q5"]
+    assert [i for i, _ in err.value.missing] == ["q1", "q3", "q5"] and err.value.undecodable == []
     assert all(f"/nowhere/{i}.wav" in str(err.value) for i in (1, 3, 5)) and "3 of 6" in str(err.value)
     present, skipped = evaluate.split_missing(samples, skip_missing=True)
     assert [s.id for s in present] == ["q0", "q2", "q4"] and [d["id"] for d in skipped] == ["q1", "q3", "q5"]
+    assert {d["problem"] for d in skipped} == {"missing"}
+
+
+def test_undecodable_audio_is_found_before_generating(tmp_path):
+    """A clip that exists but does not decode (empty, garbage) is caught by the check, not mid-run."""
+    from sari_ray.data.audio import write_wav
+
+    samples = _samples(4)
+    for s in samples:
+        s.audio = str(write_wav(tmp_path / f"{s.id}.wav", 0.1 * np.ones(800, np.float32), 16000))
+    Path(samples[1].audio).write_bytes(b"")
+    Path(samples[3].audio).write_bytes(b"RIFF\x00\x01garbage, not a wav file" * 10)
+    with pytest.raises(evaluate.AudioCheckError) as err:
+        evaluate.split_missing(samples, skip_missing=False)
+    assert [u[0] for u in err.value.undecodable] == ["q1", "q3"] and err.value.missing == []
+    assert "2 of 4 audio files cannot be decoded" in str(err.value)
+    assert samples[1].audio in str(err.value) and samples[3].audio in str(err.value)
+    present, skipped = evaluate.split_missing(samples, skip_missing=True)
+    assert [s.id for s in present] == ["q0", "q2"]
+    assert [(d["id"], d["audio"], d["problem"]) for d in skipped] == [
+        ("q1", samples[1].audio, "undecodable"), ("q3", samples[3].audio, "undecodable")]
+    Path(samples[3].audio).unlink()  # a file changed on disk is checked again, not taken from the cache
+    with pytest.raises(evaluate.AudioCheckError) as err:
+        evaluate.split_missing(samples, skip_missing=False)
+    assert err.value.missing == [("q3", samples[3].audio)] and "are missing and 1 audio files cannot" in str(err.value)
 
 
 # --------------------------------------------------------------------------------- fake-engine generation
@@ -233,8 +260,10 @@ def test_generate_and_evaluate_with_fake_engine(wav_samples, tmp_path):
 
 
 def _eval_parser():
+    from sari_ray import eval_sweep  # owns the `eval` command line (evaluate must not import it)
+
     parser = argparse.ArgumentParser()
-    evaluate.register_cli(parser.add_subparsers(dest="command"))
+    eval_sweep.register_cli(parser.add_subparsers(dest="command"))
     return parser
 
 
@@ -245,7 +274,10 @@ def test_cli_missing_audio_stops_before_engine(wav_samples, tmp_path, monkeypatc
     rows[7]["audio"] = str(tmp_path / "missing_b.wav")
     data.write_text("\n".join(json.dumps(r) for r in rows))
     monkeypatch.setattr(evaluate, "load_engine", lambda *a, **k: pytest.fail("engine started"))
-    args = _eval_parser().parse_args(["eval", "--model", "m", "--data", str(data), "--out", str(tmp_path / "o")])
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    args = _eval_parser().parse_args(["eval", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "o")])
     assert args.func(args) == 2
     err = capsys.readouterr().err
     assert "2 of 10 audio files are missing" in err and "missing_a.wav" in err and "missing_b.wav" in err
@@ -274,6 +306,7 @@ def test_imports_without_heavy_packages():
     (["--run", "r", "--model", "m"], "drop --model / --out"),
     (["--model", "m", "--data", "d"], "give --model, --data and --out"),
     (["--model", "m", "--data", "d", "--out", "o", "--samples", "0"], "--samples must be >= 1"),
+    (["--run", "r", "--resume"], "drop --resume"),
 ])
 def test_cli_usage_errors(argv, message, capsys):
     args = _eval_parser().parse_args(["eval", *argv])
