@@ -249,3 +249,21 @@ def test_user_errors_end_in_seconds_without_a_traceback(dataset, tmp_path):
         proc = subprocess.run([sys.executable, "-m", "sari_ray.cli", *argv], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr and time.perf_counter() - t0 < 30
+
+
+def test_a_sweep_continues_a_checkpoint_only_with_the_same_settings(dataset):
+    """`eval_sweep` resumes a checkpoint's stopped evaluation when `resumable` says the settings match."""
+    samples = [AudioMCQ.from_dict(r) for r in dataset["rows"]]
+    meta = {"model": "ckpt/step_000002/model", "data": "held-out"}
+    kwargs = dict(style="implicit", max_tokens=16, batch_size=4, progress=False, out_dir=dataset["out"], meta=meta)
+    with pytest.raises(evaluate.EvalInterrupted) as err:
+        evaluate.evaluate_samples(Engine(fail_on=2), Processor(), samples, **kwargs)
+    assert err.value.kept == 4 and isinstance(err.value.cause, RuntimeError)
+    same = evaluate.eval_settings(style="implicit", audio_mode="real", temperature=None, max_tokens=16, seed=0,
+                                  num_samples=1, meta=meta)
+    assert evaluate.resumable(dataset["out"], "real", same)
+    assert not evaluate.resumable(dataset["out"], "real", {**same, "max_tokens": 32})
+    assert not evaluate.resumable(dataset["out"], "silence", same)
+    engine = Engine()
+    m = evaluate.evaluate_samples(engine, Processor(), samples, resume=True, **kwargs)
+    assert engine.calls == [4, 2] and m["total"]["n"] == N and m["meta"]["n_resumed"] == 4
