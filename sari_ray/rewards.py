@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from sari_ray.answers import END_OF_TURN_MARKERS, extract_answer
+from sari_ray.answers import END_OF_TURN_MARKERS, extract_answer, listed_choices
 from sari_ray.data.schema import STRUCTURED_PARTS, AudioMCQ
 from sari_ray.mmau import mmau_correct
 from sari_ray.prompts import TAG_RE, PromptStyle
@@ -74,8 +74,8 @@ class RewardWeights:
 
 
 def _choices_answer(sample: AudioMCQ | tuple[Sequence[str], str]) -> tuple[Sequence[str], str]:
-    if isinstance(sample, AudioMCQ):
-        return sample.choices, sample.answer
+    if isinstance(sample, AudioMCQ):  # letters name the options as the prompt lists them (repeats included)
+        return listed_choices(sample), sample.answer
     try:
         choices, answer = sample
     except (TypeError, ValueError):

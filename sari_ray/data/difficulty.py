@@ -15,6 +15,7 @@ def estimate_pass_rates(engine, processor, samples, *, style: str, k: int, tempe
     """Fraction of k sampled answers that the MMAU rule judges correct, per sample id."""
     from rich.progress import track
 
+    from sari_ray.answers import listed_choices
     from sari_ray.data.audio import load_audio
     from sari_ray.mmau import judge
     from sari_ray.prompts import PromptStyle, build_messages, render_prompt
@@ -26,7 +27,7 @@ def estimate_pass_rates(engine, processor, samples, *, style: str, k: int, tempe
         audios = [load_audio(s.audio).samples for s in batch]
         outputs = engine.generate(prompts, audios, n=k, temperature=temperature, max_tokens=max_tokens, seed=seed)
         for sample, completions in zip(batch, outputs):
-            rates[sample.id] = sum(judge(c.text, sample.choices, sample.answer) for c in completions) / k
+            rates[sample.id] = sum(judge(c.text, listed_choices(sample), sample.answer) for c in completions) / k
     return rates
 
 

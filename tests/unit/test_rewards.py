@@ -153,3 +153,15 @@ def test_logic_modules_import_nothing_heavy():
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_letter_answers_name_the_published_option_when_choices_repeat():
+    """MMAU lists `zero, zero, seven, one` (answer `one`): the reader keeps choices unique, but letter D must
+    still mean `one`, as the prompt shows it."""
+    from sari_ray.data.schema import AudioMCQ
+    from sari_ray.rewards import score_completion
+
+    sample = AudioMCQ(id="m1", audio="a.wav", question="How many?", choices=["zero", "seven", "one"], answer="one",
+                      extra={"original_choices": ["zero", "zero", "seven", "one"]})
+    assert score_completion("<answer>D</answer>", sample, "implicit")["accuracy"] == 1.0
+    assert score_completion("<answer>C</answer>", sample, "implicit")["accuracy"] == 0.0
