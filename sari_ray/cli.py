@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run a command. User errors print `error: <message>` on stderr and return 2 (traceback: --debug)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    if debug:
+        os.environ[DEBUG_ENV] = "1"  # commands that catch user errors themselves (train) read it too
     args = build_parser().parse_args([a for a in argv if a != "--debug"])  # `sari-ray train x.yaml --debug` too
     try:
         result = args.func(args)

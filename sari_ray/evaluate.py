@@ -83,7 +83,7 @@ _AUDIO_CHECKED: dict[str, tuple[tuple[int, int], tuple[str, str] | None]] = {}
 
 
 def _clip_problem(path: str, max_audio_seconds: float) -> tuple[str, str] | None:
-    from sari_ray.data.audio import AudioDecodeError, load_audio
+    from sari_ray.data.audio import MIN_AUDIO_SAMPLES, AudioDecodeError, load_audio
 
     try:
         stat = Path(path).stat()
@@ -96,8 +96,11 @@ def _clip_problem(path: str, max_audio_seconds: float) -> tuple[str, str] | None
     if cached is not None and cached[0] == key:
         return cached[1]
     try:
-        load_audio(path, max_seconds=max_audio_seconds)
+        clip = load_audio(path, max_seconds=max_audio_seconds)
         problem = None
+        if clip.samples.shape[0] < MIN_AUDIO_SAMPLES:  # the engine would refuse it after starting
+            problem = (UNDECODABLE, f"too short for the models: {clip.samples.shape[0]} samples at 16 kHz, "
+                                    f"at least {MIN_AUDIO_SAMPLES} make one audio token")
     except AudioDecodeError as e:
         problem = (UNDECODABLE, f"cannot decode: {e.reason}")
     _AUDIO_CHECKED[path] = (key, problem)

@@ -428,11 +428,17 @@ def _cli(args: list[str]) -> int:
     """`CONFIG.yaml [OVERLAY.yaml ...] [key=value ...]`: files first, then overrides."""
     configs = [a for a in args if a.endswith((".yaml", ".yml")) and "=" not in a]
     overrides = [a for a in args if a not in configs]
+    import os
+
+    from sari_ray.cli import DEBUG_ENV, USER_ERROR_EXIT, USER_ERRORS
+
     try:
         run_training(configs, overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as err:  # config, data, files: a message, no traceback (also for `python -m`, ray job submit)
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        print(f"error: {err}\n({DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return USER_ERROR_EXIT
     return 0
 
 

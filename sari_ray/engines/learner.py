@@ -71,7 +71,10 @@ class DeepSpeedLearner:
                           WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         import deepspeed  # after DS_ACCELERATOR is set
 
-        deepspeed.init_distributed(dist_backend="nccl" if self.device == "cuda" else "gloo")
+        backend = "nccl" if self.device == "cuda" else "gloo"
+        if master_addr in ("127.0.0.1", "localhost") and world_size > 1:
+            self._store_socket = _init_loopback_process_group(backend, rank, world_size, master_port)
+        deepspeed.init_distributed(dist_backend=backend)  # adopts a process group that already exists
         torch.manual_seed(seed)
         self.rank, self.world_size = rank, world_size
         self.grpo = grpo_settings or grpo.GRPOSettings()
@@ -349,6 +352,27 @@ class DeepSpeedLearner:
         for item in source.iterdir():  # config, tokenizer, processor, generation config, chat template
             if item.is_file() and not item.name.endswith((".safetensors", ".bin")) and item.name != "model.safetensors.index.json":
                 (out / item.name).write_bytes(item.read_bytes())
+
+
+def _init_loopback_process_group(backend: str, rank: int, world_size: int, port: int):
+    """On a local cluster (rank 0 at 127.0.0.1) the rendezvous store listens on 127.0.0.1 only: torch's TCPStore
+    binds all interfaces whatever host it is given, unless it is handed a socket that is already bound.
+    Returns rank 0's listening socket (keep it: closing it would close the store's)."""
+    import datetime
+    import socket
+
+    import torch.distributed as dist
+
+    listener = None
+    if rank == 0:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen()
+    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=rank == 0, timeout=datetime.timedelta(minutes=30),
+                          master_listen_fd=listener.fileno() if listener else None)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
+    return listener
 
 
 def _register_direct_weight_reads(model: torch.nn.Module) -> None:

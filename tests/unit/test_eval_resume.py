@@ -104,6 +104,16 @@ def test_corrupt_and_missing_clips_stop_before_the_engine(dataset, monkeypatch, 
     assert "Traceback" not in err and not dataset["out"].exists()
 
 
+def test_a_clip_too_short_for_the_models_stops_before_the_engine(dataset, monkeypatch, capsys):
+    """0.01 s (160 samples) makes no audio token; vLLM refused it only after the engine had started."""
+    write_wav(Path(dataset["rows"][4]["audio"]), np.zeros(160), 16000)
+    use_engine(monkeypatch, None)
+    assert run_eval(dataset) == 2
+    err = capsys.readouterr().err
+    assert f"q4: {dataset['rows'][4]['audio']} (too short for the models: 160 samples" in err
+    assert not dataset["out"].exists()
+
+
 def test_skip_missing_skips_undecodable_clips_and_lists_them(dataset, monkeypatch, capsys):
     Path(dataset["rows"][6]["audio"]).write_bytes(b"")
     engine = Engine()
