@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
+from sari_ray import checkpoints
 from sari_ray import metrics as metrics_lib
 from sari_ray.console import make_console, print_summary, progress_bar, progress_line
 from sari_ray.config import ConfigError, grpo_settings, load_config, to_flat_dict
@@ -25,7 +26,7 @@ from sari_ray.data.prepare import prepare_data
 from sari_ray.batching import split_evenly
 from sari_ray.data.schema import AudioMCQ
 
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = checkpoints.CHECKPOINTS
 
 
 class Trainer:
@@ -39,11 +40,15 @@ class Trainer:
         self.by_id = {s.id: s for s in self.train_set}
         self.model_path = prepare_model(cfg)
         self.state = self._initial_state()
-        checkpoint = latest_checkpoint(self.out) if cfg.run.resume else None
+        stale = checkpoints.drop_stale_staging(self.out)
+        if stale:
+            self.console.print(f"[yellow]removed {len(stale)} incomplete checkpoint(s) an earlier run left: "
+                               f"{', '.join(p.name for p in stale)}")
+        checkpoint = checkpoints.latest_checkpoint(self.out) if cfg.run.resume else None
         if cfg.run.resume and checkpoint is None:
             self.console.print(f"[yellow]run.resume=true but no checkpoint in {self.out / CHECKPOINTS}; starting fresh")
         if checkpoint is not None:
-            self.state = json.loads((checkpoint / "trainer_state.json").read_text())
+            self.state = json.loads((checkpoint / checkpoints.STATE_FILE).read_text())
         if not cfg.run.resume and (self.out / CHECKPOINTS).exists() and any((self.out / CHECKPOINTS).iterdir()):
             raise ConfigError(f"{self.out} already holds checkpoints; set run.resume=true to continue it "
                               f"or choose another run.output_dir / run.name")
@@ -151,7 +156,7 @@ class Trainer:
             self.learners.call("reset_reference")  # the KL pulls toward the SFT policy, not the base model
         s["phase"] = "grpo"
         if cfg.sft.steps > 0:
-            s["reference_model"] = str(self.out / CHECKPOINTS / "step_000000" / "model")  # what a resume loads
+            s["reference_model"] = str(checkpoints.step_dir(self.out, 0) / "model")  # what a resumed run loads
             self.save_checkpoint()
             eval_metrics = self.evaluate()
             self.tracker.log_metrics({f"after_sft/{k}": v for k, v in eval_metrics.items()}, 0)
@@ -277,19 +282,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints and end
     def save_checkpoint(self) -> Path:
+        """Learners write into a staging directory; trainer_state.json last; then it is renamed into place, so a
+        checkpoint is complete or absent (a failure mid-write leaves none). Rotation runs only after that."""
         import ray
 
         s = self.state
-        directory = self.out / CHECKPOINTS / f"step_{s['step']:06d}"
-        directory.mkdir(parents=True, exist_ok=True)
+        final = checkpoints.step_dir(self.out, s["step"])
         s["curriculum"] = ray.get(self.curriculum.state_dict.remote())
-        self.learners.call("save_checkpoint", str(directory))
-        (directory / "trainer_state.json").write_text(json.dumps(s, indent=1))  # last: marks it complete
-        keep = self.cfg.checkpoint.keep_last
-        for old in sorted((self.out / CHECKPOINTS).glob("step_*"))[:-keep]:
-            if old.name != "step_000000":  # the SFT checkpoint stays for sweeps
-                _rmtree(old)
-        return directory
+        with checkpoints.staged(final, checkpoints.expected_bytes(self.out, self.model_path)) as staging:
+            self.learners.call("save_checkpoint", str(staging))
+            checkpoints.write_json(staging / checkpoints.STATE_FILE, s)
+        checkpoints.rotate(self.out, self.cfg.checkpoint.keep_last)
+        return final
 
     def _log_batch(self, step: int, ids: list[str]) -> None:
         with open(self.out / "batches.jsonl", "a") as f:
@@ -358,11 +362,6 @@ def ray_init_kwargs(cfg) -> dict[str, Any]:
     return {**local_cluster_kwargs(cfg.cluster.num_cpus or needed, resources), "log_to_driver": True}
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    done = [p for p in sorted((out / CHECKPOINTS).glob("step_*")) if (p / "trainer_state.json").exists()]
-    return done[-1] if done else None
-
-
 def reward_trend_by_tier(curve: list[list]) -> list[dict[str, Any]]:
     """Mean GRPO reward over the first and last quarter of each stretch of steps at one tier (a promotion
     resets the reward level, so a whole-run trend would mix tiers). curve rows: [step, reward, ..., tier]."""
@@ -384,12 +383,6 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def _get(ref):
     import ray
 
@@ -401,13 +394,23 @@ def run_training(configs: list[str], overrides: list[str]) -> dict[str, Any]:
     trainer = Trainer(cfg)
     try:
         summary = trainer.fit()
-    except BaseException:
-        trainer.tracker.finish("FAILED")
+    except BaseException as err:
+        mark_failed(trainer.tracker, err)
         raise
     finally:
         trainer.shutdown()
     print_summary(trainer.console, summary)
     return summary
+
+
+def mark_failed(tracker, err: BaseException) -> None:
+    """Mark the MLflow run FAILED if the store lets us; a store that fails too (e.g. the same full disk) gets a
+    warning, never the place of the error that stopped the run."""
+    try:
+        tracker.finish("FAILED")
+    except Exception as store_err:  # noqa: BLE001 - the run's own error is the one to report
+        print(f"warning: could not mark MLflow run {tracker.run_id} FAILED ({type(store_err).__name__}: "
+              f"{store_err}); the run stopped because of: {type(err).__name__}: {err}", file=sys.stderr)
 
 
 def register_cli(subparsers) -> None:
