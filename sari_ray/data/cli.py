@@ -4,6 +4,7 @@
     sari-ray data validate --data shared/data/mmau/mmau-test-mini.json --format mmau --no-check-audio
     sari-ray data silent-copy --data runs/synth/data.jsonl --out runs/synth-silent
     sari-ray data difficulty ...   (registered from sari_ray.data.difficulty)
+    sari-ray data audio-contribution ...   (registered from sari_ray.data.audio_contribution)
 
 Heavy imports (torchaudio, soundfile) happen inside the command functions.
 """
@@ -54,6 +55,10 @@ def register_cli(subparsers) -> None:
     from sari_ray.data.difficulty import add_difficulty_parser  # light at import: heavy imports are inside
 
     add_difficulty_parser(data_commands)
+
+    from sari_ray.data.audio_contribution import add_audio_contribution_parser
+
+    add_audio_contribution_parser(data_commands)
 
 
 def _tier_counts(path) -> str:
