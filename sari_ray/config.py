@@ -69,6 +69,9 @@ class DataConfig:
     synth_if_missing: int = 0  # demo/tests: synthesise this many at `train` if absent (only as <new folder>/data.jsonl)
     allow_external_audio: bool = False  # audio may lie outside the data folder (audio_dir, else the file's folder)
     max_audio_seconds: float = 30.0  # the models' audio window; longer clips are truncated and counted
+    audio_contribution: str | None = None  # jsonl from `sari-ray data audio-contribution` (id, contribution, ...)
+    min_audio_contribution: float | None = None  # keep training items with contribution (real - silent accuracy)
+    # >= this (AudioMCQ / AD2PO-style selection); needs audio_contribution; the held-out set is never filtered
 
 
 @dataclass
@@ -245,6 +248,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.eval_fraction": (_interval(0, 1, lo_open=True, hi_open=True),
                            "use a fraction in (0, 1), e.g. 0.1 (the held-out split when data.eval is null)"),
     "data.max_audio_seconds": (lambda v: _finite(v) and v > 0, "use seconds > 0 (the models' window is 30)"),
+    "data.audio_contribution": (_nonempty, "set the jsonl `sari-ray data audio-contribution` wrote, or null"),
+    "data.min_audio_contribution": (lambda v: _finite(v) and -1 <= v <= 1,
+                                    "use a threshold in [-1, 1] (contribution = accuracy with real audio minus "
+                                    "with silence), e.g. 0.25, or null for no filter"),
     "reward.accuracy_weight": (lambda v: _finite(v) and v >= 0, "use a finite weight >= 0 (R1-AQA: 1.0)"),
     "reward.format_weight": (lambda v: _finite(v) and v >= 0, "use a finite weight >= 0 (R1-AQA: 1.0)"),
     "rollout.num_cpus_per_worker": (_ray_amount, "use CPUs >= 0 (Ray: 0, or at least 0.0001)"),
@@ -368,6 +375,14 @@ def _synth_writes_jsonl(cfg: DictConfig) -> str | None:
     return None
 
 
+def _contribution_filter_has_its_file(cfg: DictConfig) -> str | None:
+    if cfg.data.min_audio_contribution is not None and cfg.data.audio_contribution is None:
+        return (f"data.min_audio_contribution={cfg.data.min_audio_contribution:g} needs data.audio_contribution "
+                f"(the per-item contributions it filters by): set data.audio_contribution to the jsonl `sari-ray data "
+                f"audio-contribution --out FILE` writes, or data.min_audio_contribution=null")
+    return None
+
+
 def _synth_has_the_tiers(cfg: DictConfig) -> str | None:
     if cfg.data.synth_if_missing <= 0:
         return None
@@ -399,6 +414,8 @@ CROSS_RULES: tuple[tuple[str, tuple[str, ...], Callable[[DictConfig], str | None
     ("some_reward", ("reward.accuracy_weight", "reward.format_weight"), _some_reward),
     ("synth_writes_jsonl", ("data.synth_if_missing", "data.format"), _synth_writes_jsonl),
     ("synth_has_the_tiers", ("data.synth_if_missing", "curriculum.num_tiers"), _synth_has_the_tiers),
+    ("contribution_filter_has_its_file", ("data.min_audio_contribution", "data.audio_contribution"),
+     _contribution_filter_has_its_file),
 )
 
 

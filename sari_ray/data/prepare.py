@@ -9,6 +9,11 @@ it lives: `data.train` must be `<folder>/data.jsonl` (the file the generator wri
 exist yet (or be empty). Anything else that is missing is a mistyped path, and is reported as missing
 rather than filled with synthetic clips. The set is written to a temporary sibling folder and renamed into
 place, so an interrupted run leaves no half-written folder behind.
+
+`data.min_audio_contribution` with `data.audio_contribution` keeps only the training items whose audio
+contribution (accuracy with real audio minus with silence, `sari-ray data audio-contribution`) reaches the
+threshold. It runs after the held-out split, on the training items only: the held-out set is the same with
+or without the filter, so runs stay comparable.
 """
 from __future__ import annotations
 
@@ -51,7 +56,35 @@ def prepare_data(cfg, console) -> tuple[list[AudioMCQ], list[AudioMCQ]]:
         train, evaluation = split_samples(train, cfg.data.eval_fraction, cfg.run.seed)
     if not train:
         raise ConfigError(f"data.train={cfg.data.train}: no valid training samples")
+    if cfg.data.min_audio_contribution is not None:
+        train = filter_by_audio_contribution(cfg, train, len(evaluation), console)
+    elif cfg.data.audio_contribution is not None:
+        console.print(f"data.audio_contribution={cfg.data.audio_contribution} is set but data.min_audio_contribution "
+                      "is null: the training data is not filtered", markup=False, highlight=False)
     return train, evaluation
+
+
+def filter_by_audio_contribution(cfg, train: list[AudioMCQ], n_eval: int, console) -> list[AudioMCQ]:
+    """The training items whose contribution >= data.min_audio_contribution (every item must be in the file)."""
+    from sari_ray.data.audio_contribution import ContributionFileError, filter_by_contribution, read_contributions
+
+    path, threshold = cfg.data.audio_contribution, cfg.data.min_audio_contribution
+    if path is None or not Path(path).is_file():
+        raise ConfigError(f"data.audio_contribution={path} does not exist (data.min_audio_contribution={threshold} "
+                          "filters by it); write it with `sari-ray data audio-contribution --data <the training "
+                          "file> --out FILE ...`")
+    try:
+        kept, dropped = filter_by_contribution(train, read_contributions(path), threshold,
+                                               source=f"data.audio_contribution={path}")
+    except ContributionFileError as err:
+        raise ConfigError(str(err)) from None
+    console.print(f"audio contribution filter (data.min_audio_contribution={threshold:g}, {path}): kept "
+                  f"{len(kept)} of {len(train)} training items, dropped {len(dropped)}; held-out set "
+                  f"({n_eval} items) not filtered", markup=False, highlight=False)
+    if not kept:
+        raise ConfigError(f"data.min_audio_contribution={threshold:g} keeps none of the {len(train)} training items "
+                          f"(data.audio_contribution={path}); lower the threshold")
+    return kept
 
 
 def synthesize_missing(cfg, train_path: Path, console) -> Path:

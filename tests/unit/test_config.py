@@ -108,6 +108,8 @@ RULE_CASES = {
     "data.train": ["data.train=' '"],
     "data.eval_fraction": ["data.eval_fraction=0"],
     "data.max_audio_seconds": ["data.max_audio_seconds=0"],
+    "data.audio_contribution": ["data.audio_contribution=' '"],
+    "data.min_audio_contribution": ["data.min_audio_contribution=1.5", "data.audio_contribution=c.jsonl"],
     "reward.accuracy_weight": ["reward.accuracy_weight=-1"],
     "reward.format_weight": ["reward.format_weight=nan"],
     "rollout.num_cpus_per_worker": ["rollout.num_cpus_per_worker=-1"],
@@ -142,6 +144,7 @@ RULE_CASES = {
     "some_reward": ["reward.accuracy_weight=0", "reward.format_weight=0"],
     "synth_writes_jsonl": ["data.format=mmau"],
     "synth_has_the_tiers": ["curriculum.num_tiers=4"],
+    "contribution_filter_has_its_file": ["data.min_audio_contribution=0.25"],
     # the GRPO math's own check (GRPOSettings.validate) behind the config
     "grpo: GRPOSettings.validate": ["grpo.num_generations=1"],
 }
