@@ -46,3 +46,12 @@ def print_summary(console, summary: dict[str, Any]) -> None:
                 table.add_row(f"{label} {name}", f"{value:.3f}")
     table.add_row("MLflow", f"run {summary['mlflow_run_id']} ({summary['tracking_uri']})")
     console.print(table)
+    if summary.get("grpo_gain"):
+        gain = Table(title="what GRPO added (held-out, same items; 95% CI of the paired difference)")
+        for column in ("tier", "n", "after SFT", "final", "diff", "95% CI", "final, silent audio"):
+            gain.add_column(column)
+        for g in summary["grpo_gain"]:
+            silent = f"{g['final_silent']:.3f}" if "final_silent" in g else "-"
+            gain.add_row(str(g["tier"]), str(g["n"]), f"{g['after_sft']:.3f}", f"{g['final']:.3f}",
+                         f"{g['diff']:+.3f}", f"[{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]", silent)
+        console.print(gain)

@@ -21,6 +21,14 @@ def rollout_metrics(scores: list[dict], lengths: list[int], truncated: list[bool
     return out
 
 
+def group_signal(rewards: list[float], num_generations: int) -> dict[str, float]:
+    """How much learning signal a GRPO batch holds: the fraction of prompts whose G rewards differ (the others
+    have zero advantage and add nothing) and the mean within-group reward std."""
+    groups = [rewards[i: i + num_generations] for i in range(0, len(rewards), num_generations)]
+    return {"reward/signal_groups_frac": fmean(float(max(g) != min(g)) for g in groups),
+            "reward/group_std_mean": fmean(pstdev(g) for g in groups)}
+
+
 def per_sample_accuracy(sample_ids: list[str], scores: list[dict]) -> dict[str, float]:
     """Mean accuracy over each sample's completions (what the curriculum sees)."""
     acc: dict[str, list[float]] = defaultdict(list)
@@ -43,3 +51,27 @@ def accuracy_by_tier(correct: list[float], tiers: list[int], prefix: str) -> dic
     out = {f"{prefix}/accuracy": fmean(float(c) for c in correct) if correct else 0.0}
     out.update({f"{prefix}/accuracy_tier{t}": fmean(v) for t, v in sorted(by_tier.items())})
     return out
+
+
+def grpo_gain(tiers: list[int], tier_of: dict[str, int], after_sft: dict[str, dict[str, bool]] | None,
+              final: dict[str, dict[str, bool]]) -> list[dict]:
+    """What GRPO added, per tier it trained on: held-out accuracy after SFT vs at the end on the same items,
+    the paired difference with its 95% CI, and the final accuracy with silent audio (a gain that comes from
+    listening keeps `final - final_silent` large). after_sft / final: {"eval" | "eval_silent": {id: correct}}.
+    Empty without an after-SFT evaluation (no SFT: nothing to compare against)."""
+    from sari_ray.eval_stats import paired_difference
+
+    if not after_sft:
+        return []
+    rows = []
+    for tier in tiers:
+        ids = [i for i in final["eval"] if tier_of.get(i) == tier and i in after_sft["eval"]]
+        if not ids:
+            continue
+        paired = paired_difference([after_sft["eval"][i] for i in ids], [final["eval"][i] for i in ids])
+        row = {"tier": tier, "n": len(ids), "after_sft": paired["before"], "final": paired["after"],
+               "diff": paired["diff"], "ci_low": paired["ci_low"], "ci_high": paired["ci_high"]}
+        if "eval_silent" in final:
+            row["final_silent"] = fmean(float(final["eval_silent"][i]) for i in ids)
+        rows.append(row)
+    return rows

@@ -158,7 +158,7 @@ class Trainer:
         if cfg.sft.steps > 0:
             s["reference_model"] = str(checkpoints.step_dir(self.out, 0) / "model")  # what a resumed run loads
             self.save_checkpoint()
-            eval_metrics = self.evaluate()
+            eval_metrics, s["after_sft_items"] = self.evaluate()  # per item: GRPO's gain is paired on them
             self.tracker.log_metrics({f"after_sft/{k}": v for k, v in eval_metrics.items()}, 0)
             s["history"].append({"step": 0, **eval_metrics})
 
@@ -168,6 +168,7 @@ class Trainer:
         with self.phase("sample"):
             batch = _get(self.curriculum.next_batch.remote())
             samples = [self.by_id[i] for i in batch.ids]
+        self.state["grpo_tiers"] = sorted(set(self.state.get("grpo_tiers", [])) | {s.tier or 0 for s in samples})
         with self.phase("rollout"):
             rollouts = self.generate(samples, step)
         completions = [c for r in rollouts for c in r["completions"]]
@@ -190,6 +191,7 @@ class Trainer:
         m = metrics_lib.rollout_metrics(scores, [len(c["token_ids"]) for c in completions],
                                         [c["finish_reason"] == "length" for c in completions],
                                         [s.tier or 0 for s in expanded])
+        m.update(metrics_lib.group_signal([sc["reward"] for sc in scores], cfg.grpo.num_generations))
         m.update(learn)
         m.update(_get(self.curriculum.metrics.remote()))
         m.update(self.timings)
@@ -205,7 +207,7 @@ class Trainer:
                                f"(accuracies {event['accuracies']})")
             self.tracker.log_dict(self.state["promotions"], "curriculum_history.json")
         if cfg.eval.every and step % cfg.eval.every == 0:
-            m.update(self.evaluate())
+            m.update(self.evaluate()[0])
         self.tracker.log_metrics(m, step)
         self._log_batch(step, batch.ids)
         if cfg.tracking.completions_table_every and step % cfg.tracking.completions_table_every == 0:
@@ -266,19 +268,25 @@ class Trainer:
         results = self.rollout.call("load_weights", refs, self.state["weight_version"])
         return {"bytes": float(results[0]["bytes"]), "seconds": time.perf_counter() - t0, "buckets": len(refs)}
 
-    def evaluate(self) -> dict[str, float]:
-        """Greedy held-out accuracy by tier, with real and (optionally) silent audio, across rollout workers."""
+    def evaluate(self) -> tuple[dict[str, float], dict[str, dict[str, bool]]]:
+        """Greedy held-out accuracy by tier, with real and (optionally) silent audio, across rollout workers.
+        Returns (metrics, {"eval" | "eval_silent": {sample id: correct}}); `eval/audio_gain` = real - silent
+        accuracy (what listening contributes: a text shortcut shows as a small gain)."""
         cfg = self.cfg
         samples = self.eval_set[: cfg.eval.max_samples]
         shards = split_evenly([s.to_dict() for s in samples], len(self.rollout))
         out: dict[str, float] = {}
+        items: dict[str, dict[str, bool]] = {}
         modes = [("eval", "real")] + ([("eval_silent", "silence")] if cfg.eval.silent_audio else [])
         for prefix, mode in modes:
             per_worker = self.rollout.call_sharded("evaluate", shards, cfg.prompt.style,
                                                    max_tokens=cfg.grpo.max_completion_length, audio_mode=mode)
             correct = [bool(r["correct"]) for shard in per_worker for r in shard]
+            items[prefix] = {s.id: c for s, c in zip(samples, correct)}
             out.update(metrics_lib.accuracy_by_tier(correct, [s.tier or 0 for s in samples], prefix))
-        return out
+        if "eval_silent" in items:
+            out["eval/audio_gain"] = out["eval/accuracy"] - out["eval_silent/accuracy"]
+        return out, items
 
     # ------------------------------------------------------------------ checkpoints and end
     def save_checkpoint(self) -> Path:
@@ -305,7 +313,7 @@ class Trainer:
         return rng
 
     def finish(self, seconds: float) -> dict[str, Any]:
-        final = self.evaluate()
+        final, final_items = self.evaluate()
         self.tracker.log_metrics(final, self.state["step"])
         self.tracker.log_dict(self.state.get("promotions", []), "curriculum_history.json")
         curve = self.state["curve"]
@@ -314,6 +322,9 @@ class Trainer:
                    "completions_per_s": _mean([c[2] for c in curve]), "sync_seconds": _mean([c[3] for c in curve]),
                    "promotions": self.state.get("promotions", []), "final_eval": final,
                    "after_sft_eval": next((h for h in self.state["history"] if h["step"] == 0), None),
+                   "grpo_gain": metrics_lib.grpo_gain(self.state.get("grpo_tiers", []),
+                                                      {s.id: s.tier or 0 for s in self.eval_set},
+                                                      self.state.get("after_sft_items"), final_items),
                    "mlflow_run_id": self.tracker.run_id, "tracking_uri": self.tracker.tracking_uri,
                    "output_dir": str(self.out)}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))

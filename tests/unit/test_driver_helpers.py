@@ -50,3 +50,11 @@ def test_reward_trend_is_reported_per_tier_stretch():
     assert [t["tier"] for t in trend] == [0, 1] and trend[1]["steps"] == [3, 6]
     assert trend[1]["first_quarter"] == 1.0 and trend[1]["last_quarter"] == 1.6
     assert reward_trend_by_tier([]) == []
+
+
+def test_group_signal_counts_groups_with_differing_rewards():
+    from sari_ray.metrics import group_signal
+
+    m = group_signal([1, 1, 1, 1, 0, 1, 0, 1, 2, 2, 2, 2], 4)
+    assert m["reward/signal_groups_frac"] == pytest.approx(1 / 3)
+    assert m["reward/group_std_mean"] == pytest.approx(0.5 / 3)
