@@ -96,7 +96,8 @@ def summarize_contributions(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]
     return {"n": n, "mean_real": sum(r["accuracy_real"] for r in rows) / n,
             "mean_silent": sum(r["accuracy_silent"] for r in rows) / n,
             "mean_contribution": sum(contributions) / n,
-            "positive": sum(c > TOLERANCE for c in contributions), "zero": sum(abs(c) <= TOLERANCE for c in contributions),
+            "positive": sum(c > TOLERANCE for c in contributions),
+            "zero": sum(abs(c) <= TOLERANCE for c in contributions),
             "negative": sum(c < -TOLERANCE for c in contributions)}
 
 
@@ -233,7 +234,8 @@ def add_audio_contribution_parser(data_commands) -> None:
     p.add_argument("--out", required=True, help="output jsonl: id, accuracy_real, accuracy_silent, contribution, k")
     p.add_argument("--k", type=int, default=8, help="samples per item and audio mode")
     p.add_argument("--style", default="implicit", choices=("implicit", "free", "structured"), help="prompt style")
-    p.add_argument("--max-tokens", type=int, default=32, help="max new tokens per answer (raise it for reasoning styles)")
+    p.add_argument("--max-tokens", type=int, default=32,
+                   help="max new tokens per answer (raise it for the free / structured styles)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy, with --k 1)")
     p.add_argument("--seed", type=int, default=0, help="item i samples with seeds seed + i*k ... in both modes")
     p.add_argument("--batch-size", type=int, default=32, help="items per engine call (each sent real and silent)")
