@@ -45,9 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run a command. User errors print `error: <message>` on stderr and return 2 (traceback: --debug)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])  # `sari-ray train x.yaml --debug` too
+    previous = os.environ.get(DEBUG_ENV)
     if debug:
         os.environ[DEBUG_ENV] = "1"  # commands that catch user errors themselves (train) read it too
-    args = build_parser().parse_args([a for a in argv if a != "--debug"])  # `sari-ray train x.yaml --debug` too
     try:
         result = args.func(args)
     except USER_ERRORS as err:
@@ -61,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is None:
+            os.environ.pop(DEBUG_ENV, None)
+        else:
+            os.environ[DEBUG_ENV] = previous
     return int(result or 0)
 
 

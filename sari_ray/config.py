@@ -48,6 +48,7 @@ class ClusterConfig:
     num_cpus: float | None = None  # logical CPUs for a local cluster (may exceed cores; see README)
     torch_threads_per_actor: int = 1  # torch / OMP threads in each learner and rollout actor
     setup_timeout_s: float = 1800.0  # deadline for actors to start (placement, model load, engine start)
+    resource_wait_s: float = 300.0  # how long to wait for a cluster to offer the actors' resources (autoscaling)
 
 
 @dataclass
@@ -241,6 +242,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
                                            "from it; larger ones overflow the samplers' 64-bit seeds)"),
     "cluster.num_cpus": (lambda v: _finite(v) and v >= 1 and float(v).is_integer(),
                          "use a whole number >= 1 (Ray gives a node whole CPUs), or null to count the actors' CPUs"),
+    "cluster.resource_wait_s": (lambda v: _finite(v) and v >= 0,
+                                "use seconds >= 0 (time for an autoscaler to add nodes; default 300)"),
     "cluster.setup_timeout_s": (lambda v: _finite(v) and v > 0,
                                 "use seconds > 0 (a 7B engine start takes minutes; default 1800)"),
     "model.path": (_nonempty, "set the HF checkpoint directory"),

@@ -80,6 +80,7 @@ class Trainer:
         cfg = self.cfg
         if not ray.is_initialized():
             ray.init(**ray_init_kwargs(cfg))
+        wiring.wait_for_resources(cfg)
         with self.phase("startup"):
             self.curriculum = wiring.start_curriculum(cfg, {s.id: s.tier or 0 for s in self.train_set})
             if self.state["curriculum"] is not None:

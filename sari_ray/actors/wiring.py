@@ -33,8 +33,9 @@ class ActorGroup:
         return ray.get(refs)
 
 
-class SetupTimeout(RuntimeError):
-    """An actor group did not come up within `cluster.setup_timeout_s`."""
+class SetupTimeout(TimeoutError):
+    """Actors could not be placed or did not come up in time (a TimeoutError, so the CLI reports it as a
+    user-facing error: the message says what is missing and the fix)."""
 
 
 def get_within(refs: list, seconds: float, what: str, hint: str = "") -> list:
@@ -56,6 +57,45 @@ def actor_env(cfg) -> dict[str, str]:
 
 def _has_gpu(cfg) -> bool:
     return cfg.learner.num_gpus_per_worker > 0 or cfg.rollout.num_gpus_per_worker > 0
+
+
+def resources_needed(cfg) -> dict[str, float]:
+    """What all actors together ask Ray for: CPU, GPU and the groups' custom resources."""
+    need: dict[str, float] = {}
+    for group in (cfg.rollout, cfg.learner):
+        amounts = {"CPU": group.num_cpus_per_worker, "GPU": group.num_gpus_per_worker, **group.resources}
+        for name, amount in amounts.items():
+            if amount:
+                need[name] = need.get(name, 0.0) + amount * group.num_workers
+    return need
+
+
+def missing_resources(need: dict[str, float], offered: dict[str, float]) -> dict[str, tuple[float, float]]:
+    """{name: (needed, offered)} for every resource the cluster offers less of than the actors need."""
+    return {k: (v, offered.get(k, 0.0)) for k, v in need.items() if offered.get(k, 0.0) + 1e-9 < v}
+
+
+def wait_for_resources(cfg, poll_s: float = 2.0) -> None:
+    """Fail within `cluster.resource_wait_s` when the cluster does not offer what the actors ask for, instead of
+    pending forever (a RayJob has no deadline). The wait leaves an autoscaler time to add nodes."""
+    import time
+
+    need = resources_needed(cfg)
+    deadline = time.monotonic() + cfg.cluster.resource_wait_s
+    while True:
+        offered = ray.cluster_resources()
+        missing = missing_resources(need, offered)
+        if not missing or time.monotonic() >= deadline:
+            break
+        time.sleep(poll_s)
+    if missing:
+        lacking = ", ".join(f"{k}: needs {n:g}, offers {o:g}" for k, (n, o) in sorted(missing.items()))
+        shown = {k: v for k, v in sorted(offered.items()) if not k.startswith(("node:", "accelerator_type:"))}
+        raise SetupTimeout(
+            f"the Ray cluster does not offer what the actors need after {cfg.cluster.resource_wait_s:.0f} s "
+            f"(cluster.resource_wait_s): {lacking}. It offers {shown}. Fix: start the nodes with these resources "
+            f"(ray start --resources='{{...}}'; KubeRay: rayStartParams.resources of the worker groups, see "
+            f"`sari-ray deploy kuberay`), or change rollout.resources / learner.resources and the worker counts.")
 
 
 def start_rollout_workers(cfg, model_path: str, engine_kwargs: dict[str, Any]) -> ActorGroup:

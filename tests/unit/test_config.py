@@ -104,6 +104,7 @@ RULE_CASES = {
     "run.seed": ["run.seed=-1"],
     "cluster.num_cpus": ["cluster.num_cpus=4.5"],
     "cluster.setup_timeout_s": ["cluster.setup_timeout_s=0"],
+    "cluster.resource_wait_s": ["cluster.resource_wait_s=-1"],
     "model.path": ["model.path=' '"],
     "data.train": ["data.train=' '"],
     "data.eval_fraction": ["data.eval_fraction=0"],

@@ -58,3 +58,13 @@ def test_group_signal_counts_groups_with_differing_rewards():
     m = group_signal([1, 1, 1, 1, 0, 1, 0, 1, 2, 2, 2, 2], 4)
     assert m["reward/signal_groups_frac"] == pytest.approx(1 / 3)
     assert m["reward/group_std_mean"] == pytest.approx(0.5 / 3)
+
+
+def test_missing_resources_names_what_the_cluster_lacks():
+    from sari_ray.actors.wiring import missing_resources, resources_needed
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "demo_cpu.yaml")
+    need = resources_needed(cfg)
+    assert need == {"CPU": 3.0, "rollout_slot": 1.0, "learner_slot": 2.0}
+    assert missing_resources(need, {"CPU": 4.0, "rollout_slot": 1.0}) == {"learner_slot": (2.0, 0.0)}
+    assert missing_resources(need, {"CPU": 4.0, "rollout_slot": 1.0, "learner_slot": 2.0}) == {}
