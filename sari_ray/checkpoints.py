@@ -29,9 +29,20 @@ def step_dir(output_dir: Path, step: int) -> Path:
     return Path(output_dir) / CHECKPOINTS / f"step_{step:06d}"
 
 
+def sft_dir(output_dir: Path, sft_step: int) -> Path:
+    """A checkpoint in the middle of SFT (`sft_NNNNNN`); the end of SFT is `step_000000`."""
+    return Path(output_dir) / CHECKPOINTS / f"sft_{sft_step:06d}"
+
+
+def checkpoint_dir(output_dir: Path, state: dict) -> Path:
+    """Where the trainer's current state is checkpointed."""
+    return sft_dir(output_dir, state["sft_step"]) if state["phase"] == "sft" else step_dir(output_dir, state["step"])
+
+
 def complete_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a staging directory is never one)."""
-    return [p for p in sorted((Path(output_dir) / CHECKPOINTS).glob("step_*")) if (p / STATE_FILE).is_file()]
+    """Complete checkpoints in training order (mid-SFT ones first), oldest first; staging is never one."""
+    root = Path(output_dir) / CHECKPOINTS
+    return [p for pattern in ("sft_*", "step_*") for p in sorted(root.glob(pattern)) if (p / STATE_FILE).is_file()]
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
@@ -113,10 +124,12 @@ def staged(final: Path, needed_bytes: int = 0) -> Iterator[Path]:
 
 
 def rotate(output_dir: Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest `keep_last` complete checkpoints (never the SFT one, never the newest); run only
-    after the new checkpoint is complete. Returns what was deleted."""
+    """Delete all but the newest `keep_last` complete checkpoints (never the end of SFT, never the newest; mid-SFT
+    ones once SFT has ended); run only after the new checkpoint is complete. Returns what was deleted."""
     done = complete_checkpoints(output_dir)
+    sft_ended = any(p.name == SFT_CHECKPOINT for p in done)
     doomed = [p for p in done[:-max(keep_last, 1)] if p.name != SFT_CHECKPOINT]
+    doomed += [p for p in done[-max(keep_last, 1):] if sft_ended and p.name.startswith("sft_") and p != done[-1]]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed

@@ -124,6 +124,7 @@ class SFTConfig:
     batch_size: int = 16  # samples per step (all ranks)
     learning_rate: float = 2e-5
     style: str = "${prompt.style}"  # which reasoning target to imitate: structured | free | implicit
+    checkpoint_every: int = 50  # SFT steps between checkpoints (0: only at the end); resume continues SFT there
 
 
 @dataclass
@@ -212,7 +213,8 @@ POSITIVE = ("rollout.num_workers", "learner.num_workers", "grpo.prompts_per_step
             "curriculum.window", "learner.micro_batch_size", "rollout.tensor_parallel_size",
             "grpo.steps", "checkpoint.every", "checkpoint.keep_last", "eval.max_samples", "tracking.log_every",
             "cluster.torch_threads_per_actor", "rollout.max_model_len")  # integers >= 1
-NON_NEGATIVE = ("sft.steps", "eval.every", "curriculum.min_steps_at_tier", "data.synth_if_missing",
+NON_NEGATIVE = ("sft.steps", "sft.checkpoint_every", "eval.every", "curriculum.min_steps_at_tier",
+                "data.synth_if_missing",
                 "tracking.completions_table_every")  # integers >= 0 (0: off)
 
 

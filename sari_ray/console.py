@@ -37,7 +37,7 @@ def print_summary(console, summary: dict[str, Any]) -> None:
         table.add_row(f"GRPO reward, tier {t['tier']}", f"steps {t['steps'][0]}-{t['steps'][1]}: first quarter "
                                                          f"{t['first_quarter']:.3f} -> last quarter {t['last_quarter']:.3f}")
     if summary["completions_per_s"] is not None:
-        table.add_row("rollout throughput", f"{summary['completions_per_s']:.1f} completions/s")
+        table.add_row("throughput", f"{summary['completions_per_s']:.1f} completions/s (per wall-second of a GRPO step)")
         table.add_row("weight sync", f"{summary['sync_seconds']:.3f} s per step")
     evals = [("after SFT", summary["after_sft_eval"] or {}), ("final", summary["final_eval"])]
     for label, figures in evals:

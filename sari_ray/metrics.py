@@ -29,6 +29,18 @@ def group_signal(rewards: list[float], num_generations: int) -> dict[str, float]
             "reward/group_std_mean": fmean(pstdev(g) for g in groups)}
 
 
+def throughput(completions: int, tokens: int, step_s: float, timings: dict[str, float]) -> dict[str, float]:
+    """Per wall-second of the whole step (what a user waits for), and of the rollout phase alone under its own
+    names; busy fractions say how long each group worked while the step ran (the rest it waited)."""
+    step_s = max(step_s, 1e-9)
+    rollout_s = max(timings.get("time/rollout", 0.0), 1e-9)
+    return {"time/step": step_s,
+            "throughput/completions_per_s": completions / step_s, "throughput/tokens_per_s": tokens / step_s,
+            "rollout/completions_per_s": completions / rollout_s, "rollout/tokens_per_s": tokens / rollout_s,
+            "time/rollout_busy_frac": timings.get("time/rollout", 0.0) / step_s,
+            "time/learner_busy_frac": (timings.get("time/learn", 0.0) + timings.get("time/sync", 0.0)) / step_s}
+
+
 def per_sample_accuracy(sample_ids: list[str], scores: list[dict]) -> dict[str, float]:
     """Mean accuracy over each sample's completions (what the curriculum sees)."""
     acc: dict[str, list[float]] = defaultdict(list)

@@ -30,8 +30,9 @@ CHECKPOINTS = checkpoints.CHECKPOINTS
 
 
 class Trainer:
-    def __init__(self, cfg):
+    def __init__(self, cfg, stop: "StopOnSignal | None" = None):
         self.cfg = cfg
+        self.stop = stop or StopOnSignal()  # run_training listens for SIGINT / SIGTERM; the loop checks it
         self.out = Path(cfg.run.output_dir).resolve()
         self.out.mkdir(parents=True, exist_ok=True)
         self.console = make_console()
@@ -129,11 +130,24 @@ class Trainer:
                 progress.update(task, advance=1, description=progress_line(self.state["step"], step_metrics))
                 if self.state["step"] % cfg.checkpoint.every == 0 or self.state["step"] == cfg.grpo.steps:
                     self.save_checkpoint()
+                self._stop_if_asked()
         summary = self.finish(time.perf_counter() - t_start)
         return summary
 
+    def _stop_if_asked(self) -> None:
+        """After a finished step: on SIGINT / SIGTERM, checkpoint it (unless just done) and stop."""
+        if not self.stop.requested:
+            return
+        s = self.state
+        where = f"SFT step {s['sft_step']}" if s["phase"] == "sft" else f"GRPO step {s['step']}"
+        if checkpoints.latest_checkpoint(self.out) != checkpoints.checkpoint_dir(self.out, s):
+            self.save_checkpoint()
+        raise Interrupted(f"interrupted ({self.stop.requested}) at {where}; checkpoint written. "
+                          f"Resume with run.resume=true")
+
     def sft(self) -> None:
-        """SARI's warm-up: imitate the style's reasoning targets before RL."""
+        """SARI's warm-up: imitate the style's reasoning targets before RL. Checkpoints every
+        `sft.checkpoint_every` steps; a resumed run continues where it stopped."""
         cfg, s = self.cfg, self.state
         if cfg.sft.steps > 0:
             if s["sft_order"] is None:  # drawn once, then part of the checkpointed state
@@ -153,19 +167,26 @@ class Trainer:
                 self.tracker.log_metrics({**m, "time/sft_step": self.timings["time/sft_step"]}, s["sft_step"])
                 if s["sft_step"] % 10 == 0 or s["sft_step"] == cfg.sft.steps:
                     self.console.print(f"sft {s['sft_step']}/{cfg.sft.steps} loss {m['sft/loss']:.3f}")
+                if (cfg.sft.checkpoint_every and s["sft_step"] % cfg.sft.checkpoint_every == 0
+                        and s["sft_step"] < cfg.sft.steps):
+                    self.save_checkpoint()
+                if s["sft_step"] < cfg.sft.steps:
+                    self._stop_if_asked()
             self.sync_weights()
             self.learners.call("reset_reference")  # the KL pulls toward the SFT policy, not the base model
+            eval_metrics, s["after_sft_items"] = self.evaluate()  # per item: GRPO's gain is paired on them
+            self.tracker.log_metrics({f"after_sft/{k}": v for k, v in eval_metrics.items()}, 0)
+            s["history"].append({"step": 0, **eval_metrics})
         s["phase"] = "grpo"
         if cfg.sft.steps > 0:
             s["reference_model"] = str(checkpoints.step_dir(self.out, 0) / "model")  # what a resumed run loads
             self.save_checkpoint()
-            eval_metrics, s["after_sft_items"] = self.evaluate()  # per item: GRPO's gain is paired on them
-            self.tracker.log_metrics({f"after_sft/{k}": v for k, v in eval_metrics.items()}, 0)
-            s["history"].append({"step": 0, **eval_metrics})
+        self._stop_if_asked()
 
     def grpo_step(self, step: int) -> dict[str, float]:
         cfg = self.cfg
         self.timings = {}  # this step's phases only
+        t_step = time.perf_counter()
         with self.phase("sample"):
             batch = _get(self.curriculum.next_batch.remote())
             samples = [self.by_id[i] for i in batch.ids]
@@ -196,8 +217,9 @@ class Trainer:
         m.update(learn)
         m.update(_get(self.curriculum.metrics.remote()))
         m.update(self.timings)
+        m.update(metrics_lib.throughput(len(completions), sum(len(c["token_ids"]) for c in completions),
+                                        time.perf_counter() - t_step, self.timings))
         m.update({"sync/bytes": sync["bytes"], "sync/seconds": sync["seconds"], "learn/records": len(records),
-                  "throughput/completions_per_s": len(completions) / max(self.timings["time/rollout"], 1e-9),
                   "rollout/weight_version": self.state["weight_version"]})
         self.state["curve"].append([step, m["reward/mean"], m["throughput/completions_per_s"], sync["seconds"],
                                     int(m.get("curriculum/tier", 0))])
@@ -296,7 +318,7 @@ class Trainer:
         import ray
 
         s = self.state
-        final = checkpoints.step_dir(self.out, s["step"])
+        final = checkpoints.checkpoint_dir(self.out, s)
         s["curriculum"] = ray.get(self.curriculum.state_dict.remote())
         with checkpoints.staged(final, checkpoints.expected_bytes(self.out, self.model_path)) as staging:
             self.learners.call("save_checkpoint", str(staging))
@@ -343,6 +365,43 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- helpers
+class Interrupted(Exception):
+    """The run stopped on SIGINT / SIGTERM after checkpointing; the message says how to resume."""
+
+
+class StopOnSignal:
+    """First SIGINT / SIGTERM (Ctrl-C, `ray job stop`, a pod eviction): ask the loop to stop after the step in
+    flight (it checkpoints, shuts the actors down and exits 130). A second one: stop at once."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, _frame) -> None:
+        import signal
+
+        if self.requested:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping now")
+        self.requested = signal.Signals(signum).name
+        print(f"\n{self.requested}: finishing the step in flight, then checkpoint and stop "
+              f"(again to stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "StopOnSignal":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def prepare_model(cfg) -> str:
     path = Path(cfg.model.path)
     if not path.exists():
@@ -403,25 +462,29 @@ def _get(ref):
 
 def run_training(configs: list[str], overrides: list[str]) -> dict[str, Any]:
     cfg = load_config(configs, overrides)
-    trainer = Trainer(cfg)
-    try:
-        summary = trainer.fit()
-    except BaseException as err:
-        mark_failed(trainer.tracker, err)
-        raise
-    finally:
-        trainer.shutdown()
+    with StopOnSignal() as stop:  # a signal during startup is acted on after the first step
+        trainer = Trainer(cfg, stop)
+        try:
+            summary = trainer.fit()
+        except Interrupted:
+            mark_failed(trainer.tracker, None, "KILLED")
+            raise
+        except BaseException as err:
+            mark_failed(trainer.tracker, err)
+            raise
+        finally:
+            trainer.shutdown()
     print_summary(trainer.console, summary)
     return summary
 
 
-def mark_failed(tracker, err: BaseException) -> None:
-    """Mark the MLflow run FAILED if the store lets us; a store that fails too (e.g. the same full disk) gets a
-    warning, never the place of the error that stopped the run."""
+def mark_failed(tracker, err: BaseException | None, status: str = "FAILED") -> None:
+    """Mark the MLflow run FAILED (KILLED when interrupted) if the store lets us; a store that fails too (e.g.
+    the same full disk) gets a warning, never the place of the error that stopped the run."""
     try:
-        tracker.finish("FAILED")
+        tracker.finish(status)
     except Exception as store_err:  # noqa: BLE001 - the run's own error is the one to report
-        print(f"warning: could not mark MLflow run {tracker.run_id} FAILED ({type(store_err).__name__}: "
+        print(f"warning: could not mark MLflow run {tracker.run_id} {status} ({type(store_err).__name__}: "
               f"{store_err}); the run stopped because of: {type(err).__name__}: {err}", file=sys.stderr)
 
 
@@ -449,6 +512,9 @@ def _cli(args: list[str]) -> int:
 
     try:
         run_training(configs, overrides)
+    except Interrupted as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 130
     except USER_ERRORS as err:  # config, data, files: a message, no traceback (also for `python -m`, ray job submit)
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise

@@ -96,3 +96,17 @@ def test_a_failing_store_never_hides_the_runs_error(capsys):
     mark_failed(FullStore(), OSError(errno.ENOSPC, "unexpected pos 64 vs 0"))
     err = capsys.readouterr().err
     assert "could not mark MLflow run r1 FAILED" in err and "unexpected pos 64 vs 0" in err
+
+
+def test_mid_sft_checkpoints_come_first_and_go_once_sft_has_ended(tmp_path):
+    for name in ("sft_000040", "sft_000080"):
+        final = tmp_path / "checkpoints" / name
+        with checkpoints.staged(final) as staging:
+            checkpoints.write_json(staging / checkpoints.STATE_FILE, {})
+    assert checkpoints.latest_checkpoint(tmp_path).name == "sft_000080"  # resume continues SFT there
+    assert checkpoints.checkpoint_dir(tmp_path, {"phase": "sft", "sft_step": 80, "step": 0}).name == "sft_000080"
+    assert checkpoints.checkpoint_dir(tmp_path, {"phase": "grpo", "sft_step": 125, "step": 0}).name == "step_000000"
+    write_checkpoint(tmp_path, 0)  # the end of SFT
+    assert checkpoints.latest_checkpoint(tmp_path).name == "step_000000"
+    checkpoints.rotate(tmp_path, keep_last=3)
+    assert [p.name for p in checkpoints.complete_checkpoints(tmp_path)] == ["step_000000"]

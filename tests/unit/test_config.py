@@ -94,6 +94,7 @@ RULE_CASES = {
     "rollout.max_model_len": ["rollout.max_model_len=0"],
     # NON_NEGATIVE: integers >= 0
     "sft.steps": ["sft.steps=-1"],
+    "sft.checkpoint_every": ["sft.checkpoint_every=-1"],
     "eval.every": ["eval.every=-1"],
     "curriculum.min_steps_at_tier": ["curriculum.min_steps_at_tier=-1"],
     "data.synth_if_missing": ["data.synth_if_missing=-1"],

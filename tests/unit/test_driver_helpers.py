@@ -68,3 +68,12 @@ def test_missing_resources_names_what_the_cluster_lacks():
     assert need == {"CPU": 3.0, "rollout_slot": 1.0, "learner_slot": 2.0}
     assert missing_resources(need, {"CPU": 4.0, "rollout_slot": 1.0}) == {"learner_slot": (2.0, 0.0)}
     assert missing_resources(need, {"CPU": 4.0, "rollout_slot": 1.0, "learner_slot": 2.0}) == {}
+
+
+def test_throughput_is_per_wall_second_of_the_step_with_rollout_figures_apart():
+    from sari_ray.metrics import throughput
+
+    m = throughput(64, 1024, 8.0, {"time/rollout": 2.0, "time/learn": 5.0, "time/sync": 0.5})
+    assert m["throughput/completions_per_s"] == 8.0 and m["throughput/tokens_per_s"] == 128.0
+    assert m["rollout/completions_per_s"] == 32.0 and m["rollout/tokens_per_s"] == 512.0
+    assert m["time/rollout_busy_frac"] == 0.25 and m["time/learner_busy_frac"] == pytest.approx(5.5 / 8)
