@@ -1,0 +1,86 @@
+"""SIGINT the driver (what Ctrl-C, `ray job stop` and a pod eviction send, SIGTERM alike) during SFT and during
+GRPO: it finishes the step in flight, writes a checkpoint, shuts down and exits 130 naming the resume setting;
+`run.resume=true` then serves every step's batch and ends with the same weights as the uninterrupted run."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import REPO, short_run_overrides
+
+pytestmark = pytest.mark.integration
+
+SARI_RAY = str(Path(sys.executable).parent / "sari-ray")
+
+
+def start(out: Path, model: Path, data: Path, *extra: str) -> subprocess.Popen:
+    args = [SARI_RAY, "train", str(REPO / "configs" / "demo_cpu.yaml"),
+            *short_run_overrides(out, data, model), "sft.checkpoint_every=0", *extra]
+    log = open(out.parent / f"{out.name}-{len(list(out.parent.glob(out.name + '-*.log')))}.log", "w")
+    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=out.parent)
+
+
+def wait_for(predicate, proc: subprocess.Popen, seconds: float = 600) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert proc.poll() is None, f"run ended (exit {proc.returncode}) before the moment to interrupt it"
+        assert time.monotonic() < deadline, "the moment to interrupt never came"
+        time.sleep(0.2)
+
+
+def log_text(out: Path) -> str:
+    return "\n".join(p.read_text() for p in sorted(out.parent.glob(out.name + "-*.log")))
+
+
+def run_interrupted_then_resumed(out: Path, model: Path, data: Path, when) -> dict:
+    proc = start(out, model, data)
+    wait_for(lambda: when(out), proc)
+    os.kill(proc.pid, signal.SIGINT)
+    proc.wait(600)
+    text = log_text(out)
+    assert proc.returncode == 130, text[-3000:]
+    assert "interrupted (SIGINT) at" in text and "Resume with run.resume=true" in text
+    interrupted_at = sorted(p.name for p in (out / "checkpoints").iterdir())
+    resumed = start(out, model, data, "run.resume=true")
+    resumed.wait(900)
+    assert resumed.returncode == 0, log_text(out)[-3000:]
+    return {"checkpoints_at_interrupt": interrupted_at, "log": log_text(out)}
+
+
+def assert_same_as_uninterrupted(out: Path, reference: Path) -> None:
+    from safetensors.torch import load_file
+
+    def batches(run):
+        return {row["step"]: row["ids"] for row in map(json.loads, (run / "batches.jsonl").open())}
+
+    assert batches(out) == batches(reference)
+    final = "checkpoints/step_000004/model/model.safetensors"
+    a, b = load_file(reference / final), load_file(out / final)
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert diff <= 1e-6, f"weights after the resumed run differ from the uninterrupted run's by {diff}"
+
+
+def test_sigint_during_sft_then_resume(short_training_run, tmp_path, tiny_qwen2_audio, synth_data):
+    out = tmp_path / "run"
+    # the signal arrives during startup or SFT step 1: the run stops after that step, in SFT
+    result = run_interrupted_then_resumed(out, tiny_qwen2_audio, synth_data, lambda o: "actors up" in log_text(o))
+    assert result["checkpoints_at_interrupt"] == ["sft_000001"], result["checkpoints_at_interrupt"]
+    assert "at SFT step 1" in result["log"]
+    assert_same_as_uninterrupted(out, short_training_run["output_dir"])
+
+
+def test_sigint_during_grpo_then_resume(short_training_run, tmp_path, tiny_qwen2_audio, synth_data):
+    out = tmp_path / "run"
+    batches = out / "batches.jsonl"
+    result = run_interrupted_then_resumed(out, tiny_qwen2_audio, synth_data,
+                                          lambda o: batches.exists() and batches.read_text().count("\n") >= 1)
+    stopped = result["checkpoints_at_interrupt"][-1]
+    assert stopped.startswith("step_") and stopped != "step_000004", result["checkpoints_at_interrupt"]
+    assert_same_as_uninterrupted(out, short_training_run["output_dir"])
