@@ -101,6 +101,7 @@ class RolloutConfig:
     # vLLM counts other processes' memory against the fraction, so several engines + learners need this
     enforce_eager: bool = True
     max_num_batched_tokens: int | None = None  # scheduler token budget; None: vLLM's default (CPU: 65536, see engine)
+    max_restarts: int = 3  # a dead worker is restarted, re-synced and its prompts re-issued this often, then the run stops
 
 
 @dataclass
@@ -213,7 +214,7 @@ POSITIVE = ("rollout.num_workers", "learner.num_workers", "grpo.prompts_per_step
             "curriculum.window", "learner.micro_batch_size", "rollout.tensor_parallel_size",
             "grpo.steps", "checkpoint.every", "checkpoint.keep_last", "eval.max_samples", "tracking.log_every",
             "cluster.torch_threads_per_actor", "rollout.max_model_len")  # integers >= 1
-NON_NEGATIVE = ("sft.steps", "sft.checkpoint_every", "eval.every", "curriculum.min_steps_at_tier",
+NON_NEGATIVE = ("sft.steps", "sft.checkpoint_every", "rollout.max_restarts", "eval.every", "curriculum.min_steps_at_tier",
                 "data.synth_if_missing",
                 "tracking.completions_table_every")  # integers >= 0 (0: off)
 

@@ -304,25 +304,21 @@ def read_resume(out_dir: str | Path, audio_mode: str, settings: dict[str, Any]) 
             f.seek(0, 2)
             fix(f)
         print(f"resume: {pred_path}: {note}", file=sys.stderr, flush=True)
+    from sari_ray.data.readers import json_lines
+
     records, errors, seen = [], [], set()
-    with open(pred_path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                errors.append(f"{pred_path}:{lineno}: not valid JSON ({e})")
-                continue
-            if not isinstance(record, dict) or not isinstance(record.get("id"), str) or "model_output" not in record:
-                errors.append(f"{pred_path}:{lineno}: not a prediction record (needs 'id' and 'model_output')")
-            elif record["id"] in seen:
-                errors.append(f"{pred_path}:{lineno}: id {record['id']!r} appears twice")
-            elif saved.get("num_samples", 1) > 1 and not isinstance(record.get("outputs"), list):
-                errors.append(f"{pred_path}:{lineno}: no 'outputs' list ({saved['num_samples']} samples per item)")
-            else:
-                seen.add(record["id"])
-                records.append(record)
+    for lineno, record, problem in json_lines(pred_path):
+        if problem:
+            errors.append(f"{pred_path}:{lineno}: {problem}")
+        elif not isinstance(record, dict) or not isinstance(record.get("id"), str) or "model_output" not in record:
+            errors.append(f"{pred_path}:{lineno}: not a prediction record (needs 'id' and 'model_output')")
+        elif record["id"] in seen:
+            errors.append(f"{pred_path}:{lineno}: id {record['id']!r} appears twice")
+        elif saved.get("num_samples", 1) > 1 and not isinstance(record.get("outputs"), list):
+            errors.append(f"{pred_path}:{lineno}: no 'outputs' list ({saved['num_samples']} samples per item)")
+        else:
+            seen.add(record["id"])
+            records.append(record)
     if errors:
         raise EvalInputError(f"--resume: {len(errors)} malformed line(s) in {pred_path}:\n  "
                              + "\n  ".join(errors[:MAX_LISTED]))

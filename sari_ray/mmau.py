@@ -131,39 +131,33 @@ def read_predictions(path: str | Path) -> dict[str, str | None]:
     official script's key, is accepted too). Every malformed line and repeated id is collected and raised
     at once (PredictionsFormatError), each with its 1-based line number, so a broken file is fixed in one pass.
     """
+    from sari_ray.data.readers import json_lines
+
     predictions: dict[str, str | None] = {}
     errors: list[str] = []
     first_line: dict[str, int] = {}
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                errors.append(f"{where}: not UTF-8 text")
-                continue
-            except json.JSONDecodeError as e:
-                errors.append(f"{where}: not valid JSON ({e.msg})")
-                continue
-            if not isinstance(row, dict) or "id" not in row:
-                errors.append(f"{where}: expected a JSON object with 'id' and 'model_output'")
-                continue
-            key = "model_output" if "model_output" in row else "model_prediction"
-            if key not in row:
-                errors.append(f"{where}: no 'model_output' for id {row['id']!r}")
-                continue
-            output = row[key]
-            if output is not None and not isinstance(output, str):
-                errors.append(f"{where}: 'model_output' must be a string, got {type(output).__name__}")
-                continue
-            sample_id = str(row["id"])
-            if sample_id in first_line:
-                errors.append(f"{where}: id {sample_id!r} appears twice (first on line {first_line[sample_id]})")
-                continue
-            first_line[sample_id] = lineno
-            predictions[sample_id] = output
+    for lineno, row, problem in json_lines(path):
+        where = f"{path}:{lineno}"
+        if problem:
+            errors.append(f"{where}: {problem}")
+            continue
+        if not isinstance(row, dict) or "id" not in row:
+            errors.append(f"{where}: expected a JSON object with 'id' and 'model_output'")
+            continue
+        key = "model_output" if "model_output" in row else "model_prediction"
+        if key not in row:
+            errors.append(f"{where}: no 'model_output' for id {row['id']!r}")
+            continue
+        output = row[key]
+        if output is not None and not isinstance(output, str):
+            errors.append(f"{where}: 'model_output' must be a string, got {type(output).__name__}")
+            continue
+        sample_id = str(row["id"])
+        if sample_id in first_line:
+            errors.append(f"{where}: id {sample_id!r} appears twice (first on line {first_line[sample_id]})")
+            continue
+        first_line[sample_id] = lineno
+        predictions[sample_id] = output
     if errors:
         raise PredictionsFormatError(path, errors)
     return predictions

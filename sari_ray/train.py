@@ -94,7 +94,7 @@ class Trainer:
                                                         if cfg.rollout.kv_cache_memory_gb else None),
                                  enforce_eager=cfg.rollout.enforce_eager, device=cfg.run.device,
                                  max_num_batched_tokens=cfg.rollout.max_num_batched_tokens)
-            self.rollout = wiring.start_rollout_workers(cfg, self.model_path, engine_kwargs)
+            self.rollout = wiring.start_rollout_workers(cfg, self.model_path, engine_kwargs, self._rollout_restarted)
             self.learners = wiring.start_learners(cfg, dict(
                 model_path=self.model_path, zero_stage=cfg.learner.zero_stage, dtype=cfg.model.dtype,
                 micro_batch_size=cfg.learner.micro_batch_size, gradient_clipping=cfg.learner.gradient_clipping,
@@ -109,6 +109,12 @@ class Trainer:
                 self.sync_weights()  # engines restart from the base model: give them the checkpoint's weights
         self.console.print(f"actors up: {len(self.rollout)} rollout, {len(self.learners)} learner "
                            f"(engine start {max(start_s):.0f} s)")
+
+    def _rollout_restarted(self, index: int, cause: str) -> None:
+        faults = self.state.setdefault("faults", {})
+        faults["rollout_restarts"] = faults.get("rollout_restarts", 0) + 1
+        self.console.print(f"[yellow]rollout worker {index} failed ({cause}); Ray restarts it, it gets weights "
+                           f"v{self.state['weight_version']} and its prompts again")
 
     @contextmanager
     def phase(self, name: str):
@@ -219,6 +225,7 @@ class Trainer:
         m.update(self.timings)
         m.update(metrics_lib.throughput(len(completions), sum(len(c["token_ids"]) for c in completions),
                                         time.perf_counter() - t_step, self.timings))
+        m["faults/rollout_restarts"] = self.state.get("faults", {}).get("rollout_restarts", 0)
         m.update({"sync/bytes": sync["bytes"], "sync/seconds": sync["seconds"], "learn/records": len(records),
                   "rollout/weight_version": self.state["weight_version"]})
         self.state["curve"].append([step, m["reward/mean"], m["throughput/completions_per_s"], sync["seconds"],
@@ -246,7 +253,7 @@ class Trainer:
         g = cfg.grpo.num_generations
         base = (cfg.run.seed * 1_000_003 + step) * 1_000_000  # a prompt's seeds depend on its place, not its worker
         rows = [{**s.to_dict(), "_seed": base + i * g} for i, s in enumerate(samples)]
-        per_worker = self.rollout.call_sharded(
+        per_worker = self.rollout.sharded(
             "generate", split_evenly(rows, len(self.rollout)), cfg.prompt.style, n=g,
             temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, max_tokens=cfg.grpo.max_completion_length)
         return [r for shard in per_worker for r in shard]
@@ -288,7 +295,7 @@ class Trainer:
         bucket = int(self.cfg.learner.sync_bucket_mb * 2**20)
         refs = self.learners.call("export_weight_bucket_refs", bucket)[0]  # every rank gathers; rank 0 ships
         self.state["weight_version"] += 1
-        results = self.rollout.call("load_weights", refs, self.state["weight_version"])
+        results = self.rollout.load_weights(refs, self.state["weight_version"])
         return {"bytes": float(results[0]["bytes"]), "seconds": time.perf_counter() - t0, "buckets": len(refs)}
 
     def evaluate(self) -> tuple[dict[str, float], dict[str, dict[str, bool]]]:
@@ -302,8 +309,8 @@ class Trainer:
         items: dict[str, dict[str, bool]] = {}
         modes = [("eval", "real")] + ([("eval_silent", "silence")] if cfg.eval.silent_audio else [])
         for prefix, mode in modes:
-            per_worker = self.rollout.call_sharded("evaluate", shards, cfg.prompt.style,
-                                                   max_tokens=cfg.grpo.max_completion_length, audio_mode=mode)
+            per_worker = self.rollout.sharded("evaluate", shards, cfg.prompt.style,
+                                              max_tokens=cfg.grpo.max_completion_length, audio_mode=mode)
             correct = [bool(r["correct"]) for shard in per_worker for r in shard]
             items[prefix] = {s.id: c for s, c in zip(samples, correct)}
             out.update(metrics_lib.accuracy_by_tier(correct, [s.tier or 0 for s in samples], prefix))

@@ -42,8 +42,9 @@ class RolloutWorker:
         """Greedy held-out predictions (id, extracted, correct), the same path as `sari-ray eval`."""
         from sari_ray.evaluate import generate_predictions
 
-        return generate_predictions(self.engine, self.processor, [AudioMCQ.from_dict(r) for r in samples],
-                                    style=style, max_tokens=max_tokens, audio_mode=audio_mode, progress=False)
+        records = generate_predictions(self.engine, self.processor, [AudioMCQ.from_dict(r) for r in samples],
+                                       style=style, max_tokens=max_tokens, audio_mode=audio_mode, progress=False)
+        return [{**r, "weight_version": self.engine.weight_version} for r in records]
 
     def load_weights(self, bucket_refs: list, version: int) -> dict:
         """Reload in place from object-store buckets (one engine call per bucket)."""

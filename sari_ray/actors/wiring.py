@@ -98,13 +98,18 @@ def wait_for_resources(cfg, poll_s: float = 2.0) -> None:
             f"`sari-ray deploy kuberay`), or change rollout.resources / learner.resources and the worker counts.")
 
 
-def start_rollout_workers(cfg, model_path: str, engine_kwargs: dict[str, Any]) -> ActorGroup:
+def start_rollout_workers(cfg, model_path: str, engine_kwargs: dict[str, Any], on_restart=None):
+    """A RolloutGroup: Ray restarts a dead worker up to `rollout.max_restarts` times; the group re-syncs it."""
+    from sari_ray.actors.rollout_group import RolloutGroup
+
     remote = ray.remote(RolloutWorker).options(
         num_cpus=cfg.rollout.num_cpus_per_worker, num_gpus=cfg.rollout.num_gpus_per_worker,
-        resources=dict(cfg.rollout.resources), runtime_env={"env_vars": actor_env(cfg)})
-    group = ActorGroup([remote.remote(model_path, engine_kwargs, cfg.data.max_audio_seconds)
-                        for _ in range(cfg.rollout.num_workers)])
-    return group
+        resources=dict(cfg.rollout.resources), runtime_env={"env_vars": actor_env(cfg)},
+        max_restarts=cfg.rollout.max_restarts, max_task_retries=0)
+    actors = [remote.remote(model_path, engine_kwargs, cfg.data.max_audio_seconds)
+              for _ in range(cfg.rollout.num_workers)]
+    return RolloutGroup(actors, cfg.rollout.max_restarts, cfg.cluster.setup_timeout_s,
+                        **({"on_restart": on_restart} if on_restart else {}))
 
 
 def start_learners(cfg, setup_kwargs: dict[str, Any]) -> ActorGroup:

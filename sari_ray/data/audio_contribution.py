@@ -119,24 +119,20 @@ def read_contributions(path: str | Path) -> dict[str, float]:
         raise FileNotFoundError(f"audio-contribution file not found: {path}")
     found: dict[str, float] = {}
     errors: list[str] = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                errors.append(f"{path}:{lineno}: not valid JSON ({e})")
-                continue
-            value = row.get("contribution") if isinstance(row, dict) else None
-            if not isinstance(row, dict) or not isinstance(row.get("id"), str):
-                errors.append(f"{path}:{lineno}: not a contribution row (needs a string 'id' and 'contribution')")
-            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not -1.0 <= value <= 1.0:
-                errors.append(f"{path}:{lineno}: id {row['id']!r}: contribution {value!r} is not a number in [-1, 1]")
-            elif row["id"] in found:
-                errors.append(f"{path}:{lineno}: id {row['id']!r} appears twice")
-            else:
-                found[row["id"]] = float(value)
+    from sari_ray.data.readers import json_lines
+
+    for lineno, row, problem in json_lines(path):
+        value = row.get("contribution") if isinstance(row, dict) else None
+        if problem:
+            errors.append(f"{path}:{lineno}: {problem}")
+        elif not isinstance(row, dict) or not isinstance(row.get("id"), str):
+            errors.append(f"{path}:{lineno}: not a contribution row (needs a string 'id' and 'contribution')")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not -1.0 <= value <= 1.0:
+            errors.append(f"{path}:{lineno}: id {row['id']!r}: contribution {value!r} is not a number in [-1, 1]")
+        elif row["id"] in found:
+            errors.append(f"{path}:{lineno}: id {row['id']!r} appears twice")
+        else:
+            found[row["id"]] = float(value)
     if errors:
         shown = errors[:MAX_ERRORS] + ([f"... and {len(errors) - MAX_ERRORS} more"] if len(errors) > MAX_ERRORS else [])
         raise ContributionFileError(f"{len(errors)} malformed line(s) in {path}:\n  " + "\n  ".join(shown))

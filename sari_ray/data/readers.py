@@ -150,6 +150,17 @@ def _jsonl_rows(data: bytes) -> Iterator[tuple[int, Any]]:
             yield line_no, _RowError([f"invalid JSON: {type(exc).__name__}: {str(exc)[:120]}"])
 
 
+def json_lines(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
+    """(1-based line, object, None), or (line, None, problem) for a line that is not UTF-8 or not JSON, for every
+    non-blank line of a jsonl file: the one reader of jsonl files (predictions, contributions, data), so a bad
+    line costs that line only and every caller names lines alike."""
+    for line_no, row in _jsonl_rows(Path(path).read_bytes()):
+        if isinstance(row, _RowError):
+            yield line_no, None, str(row)
+        else:
+            yield line_no, row, None
+
+
 def _json_array_rows(path: Path, text: str) -> list[tuple[int, Any]]:
     """Items of a top-level JSON array, each with the line it starts on (json.loads alone loses that)."""
     try:

@@ -61,6 +61,12 @@ def assert_same_as_uninterrupted(out: Path, reference: Path) -> None:
         return {row["step"]: row["ids"] for row in map(json.loads, (run / "batches.jsonl").open())}
 
     assert batches(out) == batches(reference)
+    # the same seed reproduces the held-out evaluations exactly, item by item (issue: reproducible runs)
+    state = "checkpoints/step_000000/trainer_state.json"
+    assert json.loads((out / state).read_text())["after_sft_items"] == json.loads((reference / state).read_text())[
+        "after_sft_items"]
+    assert json.loads((out / "summary.json").read_text())["final_eval"] == json.loads(
+        (reference / "summary.json").read_text())["final_eval"]
     final = "checkpoints/step_000004/model/model.safetensors"
     a, b = load_file(reference / final), load_file(out / final)
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)

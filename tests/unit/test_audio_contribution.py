@@ -69,7 +69,7 @@ def test_read_contributions_reads_rows_and_names_every_bad_line(tmp_path):
         read_contributions(bad)
     message = str(info.value)
     assert message.startswith(f"7 malformed line(s) in {bad}")
-    for line, what in [(2, "not valid JSON"), (3, "not a contribution row"), (4, "None is not a number"),
+    for line, what in [(2, "invalid JSON"), (3, "not a contribution row"), (4, "None is not a number"),
                        (5, "1.5 is not a number in [-1, 1]"), (6, "True is not a number"),
                        (7, "'a' appears twice"), (8, "not a contribution row")]:
         assert f"{bad}:{line}:" in message and what in message, (line, what, message)

@@ -121,6 +121,7 @@ RULE_CASES = {
     "rollout.gpu_memory_utilization": ["rollout.gpu_memory_utilization=1.5"],
     "rollout.kv_cache_memory_gb": ["rollout.kv_cache_memory_gb=0"],
     "rollout.max_num_batched_tokens": ["rollout.max_num_batched_tokens=0"],
+    "rollout.max_restarts": ["rollout.max_restarts=-1"],
     "learner.num_cpus_per_worker": ["learner.num_cpus_per_worker=-0.5"],
     "learner.num_gpus_per_worker": ["learner.num_gpus_per_worker=-1"],
     "learner.gradient_clipping": ["learner.gradient_clipping=-1"],

@@ -202,7 +202,7 @@ def test_resume_reports_every_malformed_line(dataset, monkeypatch, capsys):
     use_engine(monkeypatch, None)
     assert run_eval(dataset, "--resume") == 2
     err = capsys.readouterr().err
-    assert "2 malformed line(s)" in err and f"{path}:2: not valid JSON" in err and f"{path}:6: id 'q0' appears twice" in err
+    assert "2 malformed line(s)" in err and f"{path}:2: invalid JSON" in err and f"{path}:6: id 'q0' appears twice" in err
 
 
 def test_resume_refuses_predictions_for_other_items(dataset, monkeypatch, capsys):

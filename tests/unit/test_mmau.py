@@ -213,7 +213,7 @@ def _write_jsonl(path: Path, rows: list) -> Path:
 def test_read_predictions_errors_name_the_line(tmp_path):
     good = {"id": "a", "model_output": "x"}
     cases = [
-        (["{not json"], ":1: not valid JSON"),
+        (["{not json"], ":1: invalid JSON"),
         ([good, {"model_output": "y"}], ":2: expected a JSON object"),
         ([good, "", {"id": "b"}], ":3: no 'model_output'"),
         ([good, {"id": "a", "model_output": "z"}], ":2: id 'a' appears twice"),
@@ -267,12 +267,12 @@ def test_read_predictions_reports_every_malformed_line_at_once(tmp_path):
     with pytest.raises(PredictionsFormatError) as err:
         read_predictions(path)
     assert err.value.errors == [
-        f"{path}:2: not valid JSON (Expecting property name enclosed in double quotes)",
+        f"{path}:2: invalid JSON: Expecting property name enclosed in double quotes (column 2)",
         f"{path}:3: expected a JSON object with 'id' and 'model_output'",
         f"{path}:5: no 'model_output' for id 'b'",
         f"{path}:6: id 'a' appears twice (first on line 1)",
         f"{path}:7: 'model_output' must be a string, got int",
-        f"{path}:8: not UTF-8 text",
+        f"{path}:8: not UTF-8: byte 0xff at byte offset {path.stat().st_size - 4} (column 30); save the file as UTF-8",
     ]
     assert str(err.value).startswith(f"{path}: 6 malformed prediction line(s):")
 
@@ -303,7 +303,7 @@ def test_cli_score_user_errors_exit_2_without_traceback(tmp_path):
 
     other = _write_jsonl(tmp_path / "other.jsonl", [{"id": "x", "model_output": "A"}])
     bad = _write_jsonl(tmp_path / "bad.jsonl", ["oops", {"id": "y"}])
-    for preds, message in ((other, "none of the 1 predictions matches"), (bad, "bad.jsonl:1: not valid JSON")):
+    for preds, message in ((other, "none of the 1 predictions matches"), (bad, "bad.jsonl:1: invalid JSON")):
         proc = subprocess.run([sys.executable, "-m", "sari_ray.cli", "score", "--data", str(MMAU_TEST_MINI),
                                "--predictions", str(preds)], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -1,0 +1,106 @@
+"""The rollout workers as a group that survives a worker's death.
+
+Ray restarts a dead worker (`max_restarts`); the new one starts from the base model at weight version 0. The
+group notices (a failed call, or completions from the wrong weight version), waits for the new worker, gives it
+the current weights and version, and re-issues that worker's shard with the same rows and seeds, so the step's
+batch is what it would have been. More than `rollout.max_restarts` deaths of one worker stop the run with an
+error naming the worker and the cause.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import ray
+
+from sari_ray.actors.wiring import ActorGroup, get_within
+
+
+class RolloutWorkerLost(RuntimeError):
+    """A rollout worker died more often than `rollout.max_restarts` allows."""
+
+
+class RolloutGroup(ActorGroup):
+    def __init__(self, actors: list, max_restarts: int, ready_timeout_s: float,
+                 on_restart: Callable[[int, str], None] = lambda index, cause: None):
+        super().__init__(actors)
+        self.max_restarts, self.ready_timeout_s, self.on_restart = max_restarts, ready_timeout_s, on_restart
+        self.restarts = [0] * len(actors)
+        self.weights: tuple[list, int] | None = None  # (bucket refs, version) of the last sync
+
+    @property
+    def restart_count(self) -> int:
+        return sum(self.restarts)
+
+    def load_weights(self, bucket_refs: list, version: int) -> list[dict]:
+        """Every worker reloads `bucket_refs` as `version` (remembered for workers restarted later)."""
+        self.weights = (bucket_refs, version)
+        return self._each([(i, lambda a: a.load_weights.remote(bucket_refs, version)) for i in range(len(self))])
+
+    def sharded(self, method: str, shards: list, *args, **kwargs) -> list:
+        """One shard per worker (empty shards skipped); results must carry the current weight version."""
+        calls = [(i, lambda a, shard=shard: getattr(a, method).remote(shard, *args, **kwargs))
+                 for i, shard in enumerate(shards) if shard]
+        return self._each(calls, valid=self._current_weights)
+
+    def _current_weights(self, result: list[dict]) -> bool:
+        """A worker that restarted between calls serves the base model: its answers say so."""
+        expected = self.weights[1] if self.weights else 0
+        versions = {c["weight_version"] for r in result for c in r.get("completions", [r])}
+        return versions <= {expected}
+
+    def _each(self, calls: list[tuple[int, Callable]], valid: Callable[[Any], bool] | None = None) -> list:
+        refs = {i: make(self.actors[i]) for i, make in calls}
+        out: dict[int, Any] = {}
+        for i, make in calls:
+            while i not in out:
+                try:
+                    result = ray.get(refs[i])
+                    if valid is None or valid(result):
+                        out[i] = result
+                        continue
+                    self._restart(i, "it answered with the base model's weights: it restarted between calls",
+                                  died=True)
+                except ray.exceptions.RayActorError as err:  # the worker process died (signal, OOM, node loss)
+                    self._restart(i, _first_line(err), died=True)
+                except ray.exceptions.RayTaskError as err:  # the worker lives but its engine failed
+                    self._restart(i, _first_line(err), died=False)
+                refs[i] = make(self.actors[i])
+        return [out[i] for i, _ in calls]
+
+    def _restart(self, index: int, cause: str, died: bool) -> None:
+        self.restarts[index] += 1
+        if self.restarts[index] > self.max_restarts:
+            raise RolloutWorkerLost(f"rollout worker {index} failed {self.restarts[index]} times "
+                                    f"(rollout.max_restarts={self.max_restarts}); last cause: {cause}")
+        self.on_restart(index, cause)
+        actor = self.actors[index]
+        if not died:
+            ray.kill(actor, no_restart=False)  # a fresh process and engine; Ray restarts it
+        self._wait_until_back(index)
+        if self.weights is not None:
+            ray.get(actor.load_weights.remote(*self.weights))
+
+    def _wait_until_back(self, index: int) -> None:
+        """Calls fail with ActorUnavailableError while Ray restarts the worker; retry until it answers."""
+        import time
+
+        deadline = time.monotonic() + self.ready_timeout_s
+        while True:
+            try:
+                get_within(self.actors[index].ready.remote(), max(1.0, deadline - time.monotonic()),
+                           f"restart of rollout worker {index}")
+                return
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+            except ray.exceptions.ActorDiedError as err:  # Ray gave up on it (its own max_restarts)
+                raise RolloutWorkerLost(f"rollout worker {index} could not be restarted: {_first_line(err)}") from None
+
+
+def _first_line(err: Exception) -> str:
+    """The cause Ray reports (signal, OOM, exception text), without the stack."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    useful = [line for line in lines if any(k in line for k in ("SIGKILL", "OOM", "memory", "signal", "died",
+                                                                "Error", "exit"))]
+    return (useful or lines or [type(err).__name__])[0][:500]

@@ -1,0 +1,75 @@
+"""The rollout group's recovery policy on a real local Ray (stand-in workers that exit on cue): a worker that dies is restarted,
+given the current weights and asked again; one that keeps dying stops the run naming it."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+class FlakyWorker:
+    """Dies (os._exit) on the call numbers listed in a file, counting calls across restarts there too."""
+
+    def __init__(self, state_dir: str):
+        self.state_dir, self.version = state_dir, 0
+
+    def _count(self) -> int:
+        path = os.path.join(self.state_dir, "calls")
+        n = int(open(path).read()) + 1 if os.path.exists(path) else 1
+        open(path, "w").write(str(n))
+        return n
+
+    def ready(self) -> float:
+        return 0.0
+
+    def load_weights(self, refs, version):
+        self.version = version
+        return {"bytes": 1, "version": version}
+
+    def generate(self, shard):
+        die_on = {int(x) for x in open(os.path.join(self.state_dir, "die_on")).read().split()}
+        if self._count() in die_on:
+            os._exit(9)
+        return [{"sample_id": s, "completions": [{"weight_version": self.version}]} for s in shard]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from pathlib import Path
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}})  # workers import this file
+    yield ray
+    ray.shutdown()
+
+
+def make_group(ray, tmp_path, die_on: str, max_restarts: int):
+    from sari_ray.actors.rollout_group import RolloutGroup
+
+    (tmp_path / "die_on").write_text(die_on)
+    actor = ray.remote(FlakyWorker).options(max_restarts=max_restarts, max_task_retries=0, num_cpus=0).remote(
+        str(tmp_path))
+    events = []
+    return RolloutGroup([actor], max_restarts, 120, on_restart=lambda i, cause: events.append((i, cause))), events
+
+
+def test_a_dead_worker_is_restarted_resynced_and_asked_again(ray_local, tmp_path):
+    group, events = make_group(ray_local, tmp_path, "2", max_restarts=2)
+    group.load_weights(["w"], 7)
+    assert group.sharded("generate", [["a", "b"]]) == [[{"sample_id": s, "completions": [{"weight_version": 7}]}
+                                                       for s in ("a", "b")]]
+    # call 2 dies: Ray restarts the worker (version 0), the group reloads v7 and re-issues the same shard
+    assert group.sharded("generate", [["c"]]) == [[{"sample_id": "c", "completions": [{"weight_version": 7}]}]]
+    assert group.restart_count == 1 and events[0][0] == 0
+
+
+def test_a_worker_that_keeps_dying_stops_the_run_naming_it(ray_local, tmp_path):
+    from sari_ray.actors.rollout_group import RolloutWorkerLost
+
+    group, _ = make_group(ray_local, tmp_path, "1 2 3 4", max_restarts=2)
+    with pytest.raises(RolloutWorkerLost, match=r"rollout worker 0 failed 3 times \(rollout.max_restarts=2\)"):
+        group.sharded("generate", [["a"]])
