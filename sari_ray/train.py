@@ -110,11 +110,11 @@ class Trainer:
         self.console.print(f"actors up: {len(self.rollout)} rollout, {len(self.learners)} learner "
                            f"(engine start {max(start_s):.0f} s)")
 
-    def _rollout_restarted(self, index: int, cause: str) -> None:
+    def _rollout_restarted(self, index: int, cause: str, seconds: float) -> None:
         faults = self.state.setdefault("faults", {})
         faults["rollout_restarts"] = faults.get("rollout_restarts", 0) + 1
-        self.console.print(f"[yellow]rollout worker {index} failed ({cause}); Ray restarts it, it gets weights "
-                           f"v{self.state['weight_version']} and its prompts again")
+        self.console.print(f"[yellow]rollout worker {index} failed ({cause}); restarted by Ray and back with weights "
+                           f"v{self.state['weight_version']} after {seconds:.0f} s; its prompts are re-issued", soft_wrap=True)
 
     @contextmanager
     def phase(self, name: str):

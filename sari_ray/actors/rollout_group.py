@@ -21,7 +21,7 @@ class RolloutWorkerLost(RuntimeError):
 
 class RolloutGroup(ActorGroup):
     def __init__(self, actors: list, max_restarts: int, ready_timeout_s: float,
-                 on_restart: Callable[[int, str], None] = lambda index, cause: None):
+                 on_restart: Callable[[int, str, float], None] = lambda index, cause, seconds: None):
         super().__init__(actors)
         self.max_restarts, self.ready_timeout_s, self.on_restart = max_restarts, ready_timeout_s, on_restart
         self.restarts = [0] * len(actors)
@@ -72,13 +72,16 @@ class RolloutGroup(ActorGroup):
         if self.restarts[index] > self.max_restarts:
             raise RolloutWorkerLost(f"rollout worker {index} failed {self.restarts[index]} times "
                                     f"(rollout.max_restarts={self.max_restarts}); last cause: {cause}")
-        self.on_restart(index, cause)
+        import time
+
+        t0 = time.monotonic()
         actor = self.actors[index]
         if not died:
             ray.kill(actor, no_restart=False)  # a fresh process and engine; Ray restarts it
         self._wait_until_back(index)
         if self.weights is not None:
             ray.get(actor.load_weights.remote(*self.weights))
+        self.on_restart(index, cause, time.monotonic() - t0)
 
     def _wait_until_back(self, index: int) -> None:
         """Calls fail with ActorUnavailableError while Ray restarts the worker; retry until it answers."""

@@ -54,7 +54,7 @@ def make_group(ray, tmp_path, die_on: str, max_restarts: int):
     actor = ray.remote(FlakyWorker).options(max_restarts=max_restarts, max_task_retries=0, num_cpus=0).remote(
         str(tmp_path))
     events = []
-    return RolloutGroup([actor], max_restarts, 120, on_restart=lambda i, cause: events.append((i, cause))), events
+    return RolloutGroup([actor], max_restarts, 120, on_restart=lambda i, cause, seconds: events.append((i, cause))), events
 
 
 def test_a_dead_worker_is_restarted_resynced_and_asked_again(ray_local, tmp_path):

@@ -1,7 +1,7 @@
 """`sari-ray eval` never throws finished work away, and fails fast on user errors (issue 12).
 
 The engine is a fake (returned by a patched `evaluate.load_engine`), so these run in seconds; the real-engine
-version of the resume path is in tests/integration/test_eval_resume.py.
+version of the resume path is in tests/integration/test_evaluate.py.
 """
 from __future__ import annotations
 
