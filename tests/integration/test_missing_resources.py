@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -19,9 +21,10 @@ def test_a_cluster_without_the_slots_fails_fast_with_the_fix(tmp_path, tiny_qwen
            "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env.pop("RAY_ADDRESS", None)
     port = free_port()
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's unix socket paths must stay under 108 bytes
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-         "--num-cpus=4", "--include-dashboard=false", f"--temp-dir={tmp_path / 'ray'}"],
+         "--num-cpus=4", "--include-dashboard=false", f"--temp-dir={ray_tmp}"],
         env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for_port(port, head)
@@ -34,6 +37,7 @@ def test_a_cluster_without_the_slots_fails_fast_with_the_fix(tmp_path, tiny_qwen
         seconds = time.monotonic() - t0
     finally:
         stop(head)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     err = proc.stderr
     assert proc.returncode == 2, proc.stdout[-2000:] + err[-2000:]
     assert "does not offer what the actors need after 3 s" in err
