@@ -127,9 +127,10 @@ def rotate(output_dir: Path, keep_last: int) -> list[Path]:
     """Delete all but the newest `keep_last` complete checkpoints (never the end of SFT, never the newest; mid-SFT
     ones once SFT has ended); run only after the new checkpoint is complete. Returns what was deleted."""
     done = complete_checkpoints(output_dir)
-    sft_ended = any(p.name == SFT_CHECKPOINT for p in done)
-    doomed = [p for p in done[:-max(keep_last, 1)] if p.name != SFT_CHECKPOINT]
-    doomed += [p for p in done[-max(keep_last, 1):] if sft_ended and p.name.startswith("sft_") and p != done[-1]]
+    kept = done[-max(keep_last, 1):]
+    sft_ended = any(p.name == SFT_CHECKPOINT for p in done)  # then every sft_* is older than step_000000
+    doomed = [p for p in done if p.name != SFT_CHECKPOINT
+              and (p not in kept or (sft_ended and p.name.startswith("sft_")))]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed

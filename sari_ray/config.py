@@ -298,9 +298,16 @@ def audio_tokens(seconds: float) -> int:
     return max(0, ((frames - 1) // 2 + 1 - 2) // 2 + 1)
 
 
-def _local_cpus_needed(cfg: DictConfig) -> float:
-    return (cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker
-            + cfg.learner.num_workers * cfg.learner.num_cpus_per_worker)
+def actor_resources(cfg: DictConfig) -> dict[str, float]:
+    """What all actors together ask Ray for: CPU, GPU and the groups' custom resources (the local cluster is
+    started with them; an existing cluster must offer them)."""
+    need: dict[str, float] = {}
+    for group in (cfg.rollout, cfg.learner):
+        amounts = {"CPU": group.num_cpus_per_worker, "GPU": group.num_gpus_per_worker, **group.resources}
+        for name, amount in amounts.items():
+            if amount:
+                need[name] = need.get(name, 0.0) + amount * group.num_workers
+    return need
 
 
 def _cpu_run_has_no_gpus(cfg: DictConfig) -> str | None:
@@ -329,7 +336,7 @@ def _learner_ranks_own_a_gpu(cfg: DictConfig) -> str | None:
 
 
 def _local_cluster_fits_actors(cfg: DictConfig) -> str | None:
-    needed = _local_cpus_needed(cfg)
+    needed = actor_resources(cfg).get("CPU", 0.0)
     if cfg.cluster.num_cpus is not None and cfg.cluster.num_cpus < needed:
         return (f"cluster.num_cpus={cfg.cluster.num_cpus:g} is less than the actors need: rollout "
                 f"{cfg.rollout.num_workers} x {cfg.rollout.num_cpus_per_worker:g} + learner {cfg.learner.num_workers} "

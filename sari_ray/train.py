@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from sari_ray import checkpoints
 from sari_ray import metrics as metrics_lib
 from sari_ray.console import make_console, print_summary, progress_bar, progress_line
-from sari_ray.config import ConfigError, grpo_settings, load_config, to_flat_dict
+from sari_ray.config import ConfigError, actor_resources, grpo_settings, load_config, to_flat_dict
 from sari_ray.data.prepare import prepare_data
 from sari_ray.batching import split_evenly
 from sari_ray.data.schema import AudioMCQ
@@ -429,15 +429,12 @@ def ray_init_kwargs(cfg) -> dict[str, Any]:
 
     if cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
         return {"address": cfg.cluster.address or os.environ["RAY_ADDRESS"], "log_to_driver": True}
-    resources: dict[str, float] = {}
-    for group in (cfg.rollout, cfg.learner):
-        for name, amount in group.resources.items():
-            resources[name] = resources.get(name, 0.0) + amount * group.num_workers
-    needed = cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker + cfg.learner.num_workers * cfg.learner.num_cpus_per_worker
     from sari_ray.deploy.local_ray import local_cluster_kwargs
 
+    need = actor_resources(cfg)
+    custom = {name: amount for name, amount in need.items() if name not in ("CPU", "GPU")}
     # a fresh single-node cluster, every Ray process bound to 127.0.0.1 (see sari_ray/deploy/local_ray.py)
-    return {**local_cluster_kwargs(cfg.cluster.num_cpus or needed, resources), "log_to_driver": True}
+    return {**local_cluster_kwargs(cfg.cluster.num_cpus or need.get("CPU", 0.0), custom), "log_to_driver": True}
 
 
 def reward_trend_by_tier(curve: list[list]) -> list[dict[str, Any]]:

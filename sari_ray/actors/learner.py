@@ -38,9 +38,6 @@ class LearnerActor:
     def param_sums(self) -> dict[str, float]:
         return self.learner.param_sums()
 
-    def weights_checksum(self) -> float:
-        return self.learner.weights_checksum()
-
     def reset_reference(self) -> None:
         self.learner.reset_reference()
 

@@ -57,9 +57,6 @@ class RolloutWorker:
         return {"bytes": loaded_bytes, "fetch_s": fetched, "load_s": load_s, "total_s": time.perf_counter() - t0,
                 "version": version}
 
-    def weights_checksum(self) -> float:
-        return self.engine.weights_checksum()
-
     def param_sums(self) -> list[dict[str, float]]:
         """Per engine rank {vLLM parameter name: float64 sum} (compare with `weight_buckets.compare_param_sums`)."""
         return self.engine.param_sums()

@@ -8,6 +8,7 @@ import ray
 from sari_ray.actors.learner import LearnerActor
 from sari_ray.actors.reward import RewardScorer
 from sari_ray.actors.rollout import RolloutWorker
+from sari_ray.config import actor_resources
 from sari_ray.curriculum import CurriculumScheduler
 
 
@@ -59,17 +60,6 @@ def _has_gpu(cfg) -> bool:
     return cfg.learner.num_gpus_per_worker > 0 or cfg.rollout.num_gpus_per_worker > 0
 
 
-def resources_needed(cfg) -> dict[str, float]:
-    """What all actors together ask Ray for: CPU, GPU and the groups' custom resources."""
-    need: dict[str, float] = {}
-    for group in (cfg.rollout, cfg.learner):
-        amounts = {"CPU": group.num_cpus_per_worker, "GPU": group.num_gpus_per_worker, **group.resources}
-        for name, amount in amounts.items():
-            if amount:
-                need[name] = need.get(name, 0.0) + amount * group.num_workers
-    return need
-
-
 def missing_resources(need: dict[str, float], offered: dict[str, float]) -> dict[str, tuple[float, float]]:
     """{name: (needed, offered)} for every resource the cluster offers less of than the actors need."""
     return {k: (v, offered.get(k, 0.0)) for k, v in need.items() if offered.get(k, 0.0) + 1e-9 < v}
@@ -80,7 +70,7 @@ def wait_for_resources(cfg, poll_s: float = 2.0) -> None:
     pending forever (a RayJob has no deadline). The wait leaves an autoscaler time to add nodes."""
     import time
 
-    need = resources_needed(cfg)
+    need = actor_resources(cfg)
     deadline = time.monotonic() + cfg.cluster.resource_wait_s
     while True:
         offered = ray.cluster_resources()

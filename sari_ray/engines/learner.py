@@ -157,10 +157,9 @@ class DeepSpeedLearner:
         # averages gradients over ranks. Then splitting a batch never changes the gradient.
         active = [r for r in records if r["weight"] > 0
                   and not (settings.mask_truncated_completions and r["truncated"])]
-        tokens, seqs = self._all_reduce_sum(sum(len(r["completion_ids"]) for r in active),
-                                            sum(1 for r in active if r["completion_ids"]))
+        local_tokens = float(sum(len(r["completion_ids"]) for r in active))
+        tokens, seqs = self._all_reduce_sum(local_tokens, sum(1 for r in active if r["completion_ids"]))
         normalizer = grpo.StepNormalizer(num_tokens=tokens, num_sequences=seqs)
-        local_tokens = float(sum(len(r["completion_ids"]) for r in active)) or 1.0
         accum: dict[str, float] = {}
         for _ in range(settings.num_iterations):
             def micro_loss(batch_rows, batch, index):
@@ -183,7 +182,7 @@ class DeepSpeedLearner:
                     normalizer=normalizer,
                     sampling_logprobs=sampling if settings.vllm_importance_sampling_correction else None,
                     importance_sampling_cap=settings.vllm_importance_sampling_cap)
-                share = float(mask.sum()) / local_tokens  # metrics: token-weighted means over this rank
+                share = float(mask.sum()) / (local_tokens or 1.0)  # metrics: token-weighted means over this rank
                 gap = ((logprobs.detach() - sampling).abs() * mask).sum() / mask.sum().clamp(min=1)
                 ent = (entropy.detach() * mask).sum() / mask.sum().clamp(min=1) if entropy is not None else torch.tensor(0.0)
                 extra = {k.split("/", 1)[-1]: float(v) if k.endswith("_max") else float(v) * share
@@ -296,10 +295,6 @@ class DeepSpeedLearner:
         for group in self._layer_groups(engine_only=True, all_ranks=True):
             sums.update({name: tensors_checksum([t]) for name, t in group.items()})
         return sums
-
-    def weights_checksum(self) -> float:
-        """Comparable with `VLLMEngine.weights_checksum` (same tensors, float64 sum)."""
-        return float(sum(self.param_sums().values()))
 
     def reset_reference(self) -> None:
         """The KL reference becomes the current policy (end of SFT: GRPO is pulled toward the policy it starts

@@ -61,10 +61,11 @@ def test_group_signal_counts_groups_with_differing_rewards():
 
 
 def test_missing_resources_names_what_the_cluster_lacks():
-    from sari_ray.actors.wiring import missing_resources, resources_needed
+    from sari_ray.actors.wiring import missing_resources
+    from sari_ray.config import actor_resources
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "demo_cpu.yaml")
-    need = resources_needed(cfg)
+    need = actor_resources(cfg)
     assert need == {"CPU": 3.0, "rollout_slot": 1.0, "learner_slot": 2.0}
     assert missing_resources(need, {"CPU": 4.0, "rollout_slot": 1.0}) == {"learner_slot": (2.0, 0.0)}
     assert missing_resources(need, {"CPU": 4.0, "rollout_slot": 1.0, "learner_slot": 2.0}) == {}
