@@ -165,6 +165,8 @@ class TrackingConfig:
     experiment: str = "sari-ray"
     log_every: int = 1
     completions_table_every: int = 10  # sample completions logged as an MLflow table
+    max_outage_s: float = 120.0  # MLflow unreachable longer than this: queued entries go to <run dir>/mlflow_pending.jsonl
+    request_timeout_s: float = 10.0  # one MLflow HTTP request; an unreachable server costs a step at most this once
 
 
 @dataclass
@@ -287,6 +289,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "curriculum.replay_fraction": (_interval(0, 1, lo_open=False, hi_open=True),
                                    "use a fraction in [0, 1) (each batch keeps at least one current-tier prompt)"),
     "tracking.experiment": (_nonempty, "set the MLflow experiment name"),
+    "tracking.max_outage_s": (lambda v: _finite(v) and v >= 0,
+                              "use seconds >= 0 (how long queued MLflow entries stay in memory only; default 120)"),
+    "tracking.request_timeout_s": (lambda v: _finite(v) and v >= 1,
+                                   "use seconds >= 1 (one MLflow HTTP request; default 10)"),
 }
 RAY_RESERVED_RESOURCES = ("CPU", "GPU")  # Ray rejects these in `resources` (they are num_cpus / num_gpus)
 

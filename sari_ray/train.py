@@ -67,7 +67,8 @@ class Trainer:
         from sari_ray.engines.tracking import Tracker
 
         t = self.cfg.tracking
-        self.tracker = Tracker(t.tracking_uri, t.experiment, self.out, self.cfg.run.name, self.state["mlflow_run_id"])
+        self.tracker = Tracker(t.tracking_uri, t.experiment, self.out, self.cfg.run.name, self.state["mlflow_run_id"],
+                               max_outage_s=t.max_outage_s, request_timeout_s=t.request_timeout_s)
         self.state["mlflow_run_id"], self.state["tracking_uri"] = self.tracker.run_id, self.tracker.tracking_uri
         self.tracker.log_params(to_flat_dict(self.cfg))
         self.tracker.log_text(OmegaConf.to_yaml(self.cfg), "config.yaml")
