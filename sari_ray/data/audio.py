@@ -89,6 +89,16 @@ def load_audio(path: str | Path, sample_rate: int = MODEL_SAMPLE_RATE, max_secon
     return clip
 
 
+def file_identity(path: str | Path) -> tuple[str, int, int]:
+    """(absolute path, size, mtime in ns): a cache key for what a decode of `path` gives, which changes
+    when the file is rewritten or replaced. Raises AudioDecodeError naming the file when it is missing."""
+    try:
+        st = Path(path).stat()
+    except OSError as exc:
+        raise AudioDecodeError(path, "file not found" if isinstance(exc, FileNotFoundError) else str(exc)) from exc
+    return str(Path(path).resolve()), st.st_size, st.st_mtime_ns
+
+
 def _load(path: Path, sample_rate: int, max_seconds: float | None) -> AudioClip:
     if not path.exists():
         raise AudioDecodeError(path, "file not found")

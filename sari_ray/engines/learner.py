@@ -15,18 +15,32 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sari_ray import grpo
-from sari_ray.data.audio import load_audio
+from sari_ray.data.audio import file_identity, load_audio
 from sari_ray.data.schema import AudioMCQ
 from sari_ray.engines.weight_buckets import (group_by_layer, hf_to_checkpoint_names,
                                              iter_weight_buckets, tensors_checksum)
 from sari_ray.models import policy as policy_lib
 from sari_ray.prompts import PromptStyle, build_messages, render_prompt, sft_target
+
+
+@dataclass
+class _StepInputs:
+    """A step's rows with their processor outputs and clips, built once and read by every pass."""
+
+    rows: list[dict]
+    encoded: list[dict]  # per row: `policy.encode_prompt_audio` output
+    clip_keys: list[tuple]  # per row: its clip (file identity, max seconds)
+    clips: list[tuple]  # distinct clips, in first-row order
+    clip_number: dict[tuple, int]
+    features: torch.Tensor  # (clips, mels, frames)
+    feature_mask: torch.Tensor  # (clips, frames)
 
 
 def resolve_device(device: str) -> str:
@@ -58,6 +72,7 @@ class DeepSpeedLearner:
         gradient_checkpointing: bool = False,
         max_audio_seconds: float = 30.0,
         reference_path: str | None = None,
+        feature_cache_bytes: int = 512 * 2**20,
     ):
         self.device = resolve_device(device)
         if self.device == "cpu":
@@ -84,6 +99,8 @@ class DeepSpeedLearner:
         model, self.processor = policy_lib.load_policy(model_path, dtype=dtype, device=self.device)
         self.arch = policy_lib.detect_arch(model_path)
         self.model_path = model_path
+        self.train_audio_encoder = train_audio_encoder
+        self.features = policy_lib.PromptAudioCache(self.processor, feature_cache_bytes)
         if not train_audio_encoder:
             for name, param in model.named_parameters():
                 if "audio_tower" in name:
@@ -111,6 +128,13 @@ class DeepSpeedLearner:
         self.zero_stage = zero_stage
         if zero_stage == 3:
             _register_direct_weight_reads(self.engine.module)
+        self.tower_clips = 0  # clips encoded by the policy's and the reference's audio towers (forward hooks)
+        for m in (self.engine.module, self.reference):
+            if m is not None:
+                policy_lib.audio_tower(m).register_forward_hook(self._count_tower_call, with_kwargs=True)
+
+    def _count_tower_call(self, _module, args, kwargs, _output) -> None:
+        self.tower_clips += policy_lib.clips_in_tower_call(args, kwargs)
 
     # ---------------------------------------------------------------- steps
     def sft_step(self, samples: list[dict], style: str, learning_rate: float) -> dict[str, float]:
@@ -147,10 +171,15 @@ class DeepSpeedLearner:
         """
         t0 = time.perf_counter()
         settings = self.grpo
+        inputs = self._inputs(records)  # decoded and feature-extracted once for every pass
+        self.tower_clips = 0
+        # A frozen tower gives the same outputs all step: computed once, read by every pass of the policy.
+        frozen = None if self.train_audio_encoder else self._tower_states(self.engine.module, inputs)
         old_logprobs = None
         if settings.num_iterations > 1:  # ratio against the policy that generated, recomputed once
-            old_logprobs = self._logprobs_no_grad(self.engine.module, records)
-        ref_logprobs = self._logprobs_no_grad(self.reference, records) if self.reference is not None else None
+            old_logprobs = self._logprobs_no_grad(self.engine.module, inputs, frozen)
+        ref_logprobs = self._logprobs_no_grad(self.reference, inputs) if self.reference is not None else None
+        passes = settings.num_iterations + (old_logprobs is not None) + (ref_logprobs is not None)
         # Every loss_type is defined over the whole optimizer step (all micro-batches of all ranks): the step's
         # active tokens and sequences are counted once and all-reduced (padding rows and masked truncated
         # completions count nowhere), and each micro-batch loss is scaled by world_size because DeepSpeed
@@ -190,10 +219,12 @@ class DeepSpeedLearner:
                 extra.update({"logprob_gap_vllm": float(gap) * share, "entropy": float(ent) * share})
                 return loss * self.world_size, extra
 
-            accum = self._accumulate(records, micro_loss, learning_rate)
+            accum = self._accumulate(records, micro_loss, learning_rate, inputs, frozen)
         out = {f"policy/{k}": v for k, v in accum.items() if k not in ("loss", "grad_norm")}
         out.update({"policy/loss": accum["loss"], "policy/grad_norm": accum["grad_norm"],
-                    "policy/lr": learning_rate, "time/learn_rank": time.perf_counter() - t0})
+                    "policy/lr": learning_rate, "time/learn_rank": time.perf_counter() - t0,
+                    # audio tower forwards (policy and reference, counted in clips) per distinct clip per pass
+                    "learn/encoder_forwards_per_clip_per_pass": self.tower_clips / (len(inputs.clips) * passes)})
         return out
 
     def _all_reduce_sum(self, *values: float) -> tuple[float, ...]:
@@ -209,21 +240,27 @@ class DeepSpeedLearner:
     def _micro_batches(self, n: int) -> list[list[int]]:
         return [list(range(i, min(i + self.micro_batch_size, n))) for i in range(0, n, self.micro_batch_size)]
 
-    def _accumulate(self, rows, micro_loss, learning_rate) -> dict[str, float]:
+    def _accumulate(self, rows, micro_loss, learning_rate, inputs: _StepInputs | None = None,
+                    tower_states: list[torch.Tensor] | None = None) -> dict[str, float]:
         """Micro-batches of `rows` -> one optimizer step; returns summed metrics and the grad norm.
-        micro_loss(batch_rows, batch, row_indices) -> (loss already weighted by its share, metrics)."""
+        micro_loss(batch_rows, batch, row_indices) -> (loss already weighted by its share, metrics).
+        The pass's clips are encoded once and shared by its micro-batches (`policy.SharedAudio`: the encoder's
+        backward rides on the last micro-batch's, on every rank)."""
         for group in self.engine.optimizer.param_groups:
             group["lr"] = learning_rate
+        inputs = inputs or self._inputs(rows)
         chunks = self._micro_batches(len(rows))
         self.engine.set_train_batch_size(self.micro_batch_size * len(chunks) * self.world_size)
         self.engine.train()
+        audio = self._shared_audio(self.engine.module, inputs, tower_states)
         totals: dict[str, float] = {"loss": 0.0}
         for i, index in enumerate(chunks):
+            last = i == len(chunks) - 1
             batch_rows = [rows[j] for j in index]
-            batch = self._batch(batch_rows)
-            self.engine.set_gradient_accumulation_boundary(i == len(chunks) - 1)
+            batch = self._batch(inputs, index, audio, last)
+            self.engine.set_gradient_accumulation_boundary(last)
             loss, extra = micro_loss(batch_rows, batch, index)
-            self.engine.backward(loss, scale_wrt_gas=False)
+            self.engine.backward(loss + audio.backward_term() if last else loss, scale_wrt_gas=False)
             totals["loss"] += float(loss.detach())
             for k, v in extra.items():  # `*_max` metrics combine by max, the others are pre-weighted shares
                 totals[k] = max(totals.get(k, v), v) if k.endswith("_max") else totals.get(k, 0.0) + v
@@ -233,22 +270,46 @@ class DeepSpeedLearner:
         return totals
 
     @torch.no_grad()
-    def _logprobs_no_grad(self, model, records) -> torch.Tensor:
-        """(len(records), max_len) log-probs of each completion under `model`, zero-padded."""
+    def _logprobs_no_grad(self, model, inputs: _StepInputs, tower_states: list[torch.Tensor] | None = None
+                          ) -> torch.Tensor:
+        """(len(rows), max_len) log-probs of each completion under `model`, zero-padded."""
+        records = inputs.rows
         width = max(len(r["completion_ids"]) for r in records)
         out = torch.zeros(len(records), width)
+        audio = self._shared_audio(model, inputs, tower_states)
         for index in self._micro_batches(len(records)):
-            rows = [records[j] for j in index]
-            logprobs, _ = policy_lib.completion_logprobs(model, self._batch(rows), temperature=self.temperature)
+            batch = self._batch(inputs, index, audio, last=True)
+            logprobs, _ = policy_lib.completion_logprobs(model, batch, temperature=self.temperature)
             out[index, : logprobs.shape[1]] = logprobs.float().cpu()
         return out
 
-    def _batch(self, rows: list[dict]) -> dict:
-        clips = {path: load_audio(path, max_seconds=self.max_audio_seconds).samples  # G completions share a clip
-                 for path in {r["audio"] for r in rows}}
-        audios = [clips[r["audio"]] for r in rows]
-        batch = policy_lib.build_batch(self.processor, [r["prompt"] for r in rows], audios,
-                                       [r["completion_ids"] for r in rows])
+    @torch.no_grad()
+    def _tower_states(self, model, inputs: _StepInputs) -> list[torch.Tensor]:
+        return policy_lib.tower_states_in_chunks(model, inputs.features, inputs.feature_mask, self.micro_batch_size)
+
+    def _shared_audio(self, model, inputs: _StepInputs, tower_states) -> policy_lib.SharedAudio:
+        return policy_lib.SharedAudio(model, inputs.features, inputs.feature_mask, chunk=self.micro_batch_size,
+                                      tower_states=tower_states)
+
+    def _inputs(self, rows: list[dict]) -> _StepInputs:
+        """The rows' processor outputs (through the cache, keyed by prompt and the file's path, size, mtime)
+        and their clips, for every pass of a step."""
+        keys = [file_identity(r["audio"]) + (self.max_audio_seconds,) for r in rows]
+        encoded = [self.features.get(r["prompt"], key, lambda path=r["audio"]: load_audio(
+                       path, max_seconds=self.max_audio_seconds).samples) for r, key in zip(rows, keys)]
+        first = {key: i for i, key in reversed(list(enumerate(keys)))}  # each clip's first row
+        clips = sorted(first, key=first.get)
+        return _StepInputs(
+            rows=rows, encoded=encoded, clip_keys=keys, clips=clips, clip_number={c: j for j, c in enumerate(clips)},
+            features=torch.stack([encoded[first[c]]["input_features"] for c in clips]).to(self.device),
+            feature_mask=torch.stack([encoded[first[c]]["feature_attention_mask"] for c in clips]).to(self.device))
+
+    def _batch(self, inputs: _StepInputs, index: list[int], audio: policy_lib.SharedAudio, last: bool) -> dict:
+        """Micro-batch `index` of the step's rows, with its clips' shared audio embeddings."""
+        batch = policy_lib.assemble_batch([inputs.encoded[j] for j in index], [inputs.clip_keys[j] for j in index],
+                                          [inputs.rows[j]["completion_ids"] for j in index],
+                                          self.processor.tokenizer.pad_token_id)
+        batch["audio_embeds"] = audio.embeds([inputs.clip_number[c] for c in batch["clip_ids"]], last)
         return {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
     def render(self, sample: AudioMCQ, style: str) -> str:

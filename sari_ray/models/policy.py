@@ -6,9 +6,10 @@ Batch layout (one row per completion): `[left pad | prompt | completion | right 
 at the same column P, so the logits that predict the completion are one contiguous slice `[P-1, P-1+Tc)`
 and the LM head runs on that slice only (with a 152k vocab the full-sequence logits would dominate memory).
 
-Each distinct (prompt, clip) pair is feature-extracted and audio-encoded once, then its embeddings are
-scattered into all rows that share it (the G completions of a GRPO group): Qwen2-Audio pads every clip to
-30 s (1500 encoder positions per clip), so the encoder is most of the cost on small models.
+Each distinct (prompt, clip) pair is feature-extracted once (`PromptAudioCache` keeps it across passes and
+steps) and each distinct clip audio-encoded once per pass, its embeddings scattered into all rows that share
+it (the G completions of a GRPO group), across micro-batches too (`SharedAudio`): Qwen2-Audio pads every
+clip to 30 s (1500 encoder positions per clip), so the encoder is most of the cost on small models.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import hashlib
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     import numpy as np
@@ -52,11 +53,65 @@ def load_policy(path: str | Path, arch: str | None = None, dtype: str = "float32
     return model, AutoProcessor.from_pretrained(str(path))
 
 
-def _digest(prompt: str, audio: "np.ndarray") -> tuple[str, str]:
+def _digest(audio: "np.ndarray") -> str:
+    """A clip's identity from its samples (for callers that hold arrays, not files)."""
     import numpy as np
 
     a = np.ascontiguousarray(audio, dtype=np.float32)
-    return prompt, hashlib.blake2b(a.tobytes(), digest_size=16).hexdigest() + str(a.shape)
+    return hashlib.blake2b(a.tobytes(), digest_size=16).hexdigest() + str(a.shape)
+
+
+def encode_prompt_audio(processor, prompt: str, audio: "np.ndarray") -> dict[str, Any]:
+    """The processor's output for one (prompt, clip): input_ids (list of ints, the `<|AUDIO|>` expanded),
+    input_features (mels, frames) fp32, feature_attention_mask (frames,). Both processors pad every clip to
+    the 30 s window and do not pad text, so one pair at a time gives what a batched call gives."""
+    import numpy as np
+    import torch
+
+    enc = processor(text=[prompt], audio=[np.asarray(audio, dtype=np.float32)],  # transformers 5.x: `audio=`
+                    sampling_rate=SAMPLING_RATE)
+    missing = {"input_features", "feature_attention_mask"} - set(enc)
+    if missing:  # a misspelt audio keyword is dropped with only a warning: refuse to score without audio
+        raise RuntimeError(f"processor output lacks {sorted(missing)}: the audio was not processed")
+    return {
+        "input_ids": [int(t) for t in enc["input_ids"][0]],
+        "input_features": torch.as_tensor(np.asarray(enc["input_features"]), dtype=torch.float32)[0],
+        "feature_attention_mask": torch.as_tensor(np.asarray(enc["feature_attention_mask"]), dtype=torch.long)[0],
+    }
+
+
+class PromptAudioCache:
+    """Bounded LRU of `encode_prompt_audio` outputs keyed by (prompt, clip key), so a clip is decoded and
+    feature-extracted once however many passes and steps read it. The caller's clip key must change when
+    the clip does (the learner uses path, size, mtime: `audio.file_identity`). ~1.5 MB per entry (128 mels x
+    3000 frames in fp32); the least recently used entries go once `max_bytes` is exceeded."""
+
+    def __init__(self, processor, max_bytes: int = 512 * 2**20):
+        from collections import OrderedDict
+
+        self.processor, self.max_bytes = processor, max_bytes
+        self._entries: OrderedDict = OrderedDict()
+        self._bytes = 0
+        self.hits = self.misses = 0
+
+    def get(self, prompt: str, clip_key, load_audio: Callable[[], "np.ndarray"]) -> dict[str, Any]:
+        key = (prompt, clip_key)
+        if key in self._entries:
+            self.hits += 1
+            self._entries.move_to_end(key)
+            return self._entries[key]
+        self.misses += 1
+        entry = encode_prompt_audio(self.processor, prompt, load_audio())
+        self._entries[key] = entry
+        self._bytes += _entry_bytes(entry)
+        while self._bytes > self.max_bytes and len(self._entries) > 1:
+            _, old = self._entries.popitem(last=False)
+            self._bytes -= _entry_bytes(old)
+        return entry
+
+
+def _entry_bytes(entry: dict[str, Any]) -> int:
+    return sum(entry[k].numel() * entry[k].element_size() for k in ("input_features", "feature_attention_mask"))
 
 
 def build_batch(
@@ -67,42 +122,47 @@ def build_batch(
     pad_to: int | None = None,
 ) -> dict[str, Any]:
     """Tensors for `completion_logprobs`; one row per completion, `prompts[i]` already chat-rendered with
-    one `<|audio_bos|><|AUDIO|><|audio_eos|>` and `audios[i]` a mono float array at 16 kHz.
-
-    Returns input_ids / attention_mask (B, P+Tc), completion_ids / completion_mask (B, Tc), logits_slice
-    (P-1, P-1+Tc), and the audio of the U distinct (prompt, clip) pairs: input_features (U, mels, frames),
-    feature_attention_mask (U, frames), audio_index (B,) row -> pair. `pad_to` is a minimum for Tc.
-    """
-    import numpy as np
-    import torch
-
+    one `<|audio_bos|><|AUDIO|><|audio_eos|>` and `audios[i]` a mono float array at 16 kHz. Each distinct
+    (prompt, clip) pair goes through the processor once. See `assemble_batch` for what it returns."""
     if not (len(prompts) == len(audios) == len(completions)):
         raise ValueError(
             f"lengths differ: {len(prompts)} prompts, {len(audios)} audios, {len(completions)} completions"
         )
-    keys = [_digest(p, a) for p, a in zip(prompts, audios)]
-    pair_of: dict[tuple[str, str], int] = {}
-    uniq_rows: list[int] = []
-    for i, key in enumerate(keys):
-        if key not in pair_of:
-            pair_of[key] = len(uniq_rows)
-            uniq_rows.append(i)
-    audio_index = torch.tensor([pair_of[k] for k in keys], dtype=torch.long)
+    clip_ids = [_digest(a) for a in audios]
+    pairs: dict[tuple[str, str], dict[str, Any]] = {}
+    for prompt, audio, clip in zip(prompts, audios, clip_ids):
+        if (prompt, clip) not in pairs:
+            pairs[prompt, clip] = encode_prompt_audio(processor, prompt, audio)
+    encoded = [pairs[p, c] for p, c in zip(prompts, clip_ids)]
+    return assemble_batch(encoded, clip_ids, completions, processor.tokenizer.pad_token_id, pad_to)
 
-    enc = processor(
-        text=[prompts[i] for i in uniq_rows],
-        audio=[np.asarray(audios[i], dtype=np.float32) for i in uniq_rows],  # transformers 5.x: `audio=`
-        sampling_rate=SAMPLING_RATE,
-    )
-    missing = {"input_features", "feature_attention_mask"} - set(enc)
-    if missing:  # a misspelt audio keyword is dropped with only a warning: refuse to score without audio
-        raise RuntimeError(f"processor output lacks {sorted(missing)}: the audio was not processed")
 
-    pad_id = processor.tokenizer.pad_token_id
-    prompt_ids = [enc["input_ids"][audio_index[i]] for i in range(len(prompts))]
+def assemble_batch(
+    encoded: list[dict[str, Any]],
+    clip_ids: list,
+    completions: list[list[int]],
+    pad_id: int,
+    pad_to: int | None = None,
+) -> dict[str, Any]:
+    """Rows from per-row `encode_prompt_audio` outputs; `clip_ids[i]` names row i's clip (rows with equal ids
+    share the clip's features and audio embeddings).
+
+    Returns input_ids / attention_mask (B, P+Tc), completion_ids / completion_mask (B, Tc), logits_slice
+    (P-1, P-1+Tc), and the audio of the U distinct clips: clip_ids (U, in first-row order), input_features
+    (U, mels, frames), feature_attention_mask (U, frames), audio_index (B,) row -> clip. `pad_to` is a
+    minimum for Tc.
+    """
+    import torch
+
+    first_row: dict[Any, int] = {}
+    for i, clip in enumerate(clip_ids):
+        first_row.setdefault(clip, i)
+    distinct = list(first_row)
+    number = {clip: j for j, clip in enumerate(distinct)}
+    prompt_ids = [e["input_ids"] for e in encoded]
     P = max(len(p) for p in prompt_ids)
     Tc = max([len(c) for c in completions] + [pad_to or 0, 1])
-    B = len(prompts)
+    B = len(encoded)
     input_ids = torch.full((B, P + Tc), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((B, P + Tc), dtype=torch.long)
     completion_ids = torch.full((B, Tc), pad_id, dtype=torch.long)
@@ -120,9 +180,10 @@ def build_batch(
         "completion_ids": completion_ids,
         "completion_mask": completion_mask,
         "logits_slice": (P - 1, P - 1 + Tc),
-        "input_features": torch.as_tensor(np.asarray(enc["input_features"]), dtype=torch.float32),
-        "feature_attention_mask": torch.as_tensor(np.asarray(enc["feature_attention_mask"]), dtype=torch.long),
-        "audio_index": audio_index,
+        "clip_ids": distinct,
+        "input_features": torch.stack([encoded[first_row[c]]["input_features"] for c in distinct]),
+        "feature_attention_mask": torch.stack([encoded[first_row[c]]["feature_attention_mask"] for c in distinct]),
+        "audio_index": torch.tensor([number[c] for c in clip_ids], dtype=torch.long),
     }
 
 
@@ -130,8 +191,24 @@ def _arch_of(model) -> str:
     return _MODEL_TYPES[model.config.model_type]
 
 
-def _encode_audio(model, features: "torch.Tensor", feature_mask: "torch.Tensor") -> list["torch.Tensor"]:
-    """Audio embeddings per clip, each (n_tokens, hidden), exactly as the model's own forward computes them."""
+def audio_tower(model) -> "torch.nn.Module":
+    """The Whisper-style audio encoder module (what `learner.train_audio_encoder` freezes)."""
+    return model.audio_tower if _arch_of(model) == "qwen2.5-omni" else model.model.audio_tower
+
+
+def clips_in_tower_call(args: tuple, kwargs: dict) -> int:
+    """How many clips one call of `audio_tower(model)` encodes, from a forward hook's (args, kwargs):
+    Qwen2-Audio's tower takes (clips, mels, frames); Omni's takes the clips' frames concatenated, with
+    `feature_lens` (one per clip)."""
+    if "feature_lens" in kwargs:
+        return len(kwargs["feature_lens"])
+    features = args[0] if args else kwargs["input_features"]
+    return int(features.shape[0])
+
+
+def audio_tower_states(model, features: "torch.Tensor", feature_mask: "torch.Tensor") -> list["torch.Tensor"]:
+    """The audio tower's output per clip, each (n_tokens, d): everything `learner.train_audio_encoder` covers
+    (Omni's tower ends in its own projection; Qwen2-Audio's projector comes after, see `project_audio`)."""
     import torch
 
     if _arch_of(model) == "qwen2.5-omni":
@@ -143,8 +220,7 @@ def _encode_audio(model, features: "torch.Tensor", feature_mask: "torch.Tensor")
     # Qwen2-Audio (transformers 5.19 Qwen2AudioModel.forward has no get_audio_features; same steps as there)
     from transformers.masking_utils import create_bidirectional_mask
 
-    inner = model.model
-    tower = inner.audio_tower
+    tower = model.model.audio_tower
     feat_lens, out_lens = tower._get_feat_extract_output_lengths(feature_mask.sum(-1))
     n, _, max_mel = features.shape
     max_len = (max_mel - 2) // 2 + 1
@@ -152,8 +228,79 @@ def _encode_audio(model, features: "torch.Tensor", feature_mask: "torch.Tensor")
     dummy = torch.zeros((n, max_len, 1), dtype=tower.dtype, device=features.device)
     attn = create_bidirectional_mask(config=tower.config, inputs_embeds=dummy, attention_mask=mask_2d)
     hidden = tower(features.to(tower.dtype), attention_mask=attn).last_hidden_state
-    projected = inner.multi_modal_projector(hidden)
-    return [projected[j, : int(out_lens[j])] for j in range(n)]
+    return [hidden[j, : int(out_lens[j])] for j in range(n)]
+
+
+def tower_states_in_chunks(model, features: "torch.Tensor", feature_mask: "torch.Tensor", chunk: int
+                           ) -> list["torch.Tensor"]:
+    """`audio_tower_states` of all clips, at most `chunk` clips per tower call (bounds activation memory)."""
+    chunk = max(chunk, 1)
+    states: list["torch.Tensor"] = []
+    for i in range(0, features.shape[0], chunk):
+        states += audio_tower_states(model, features[i : i + chunk], feature_mask[i : i + chunk])
+    return states
+
+
+def project_audio(model, states: list["torch.Tensor"]) -> list["torch.Tensor"]:
+    """Tower states -> the embeddings that replace the `<|AUDIO|>` tokens (Qwen2-Audio's projector, a per
+    position linear map, run once on all clips; identity for Omni)."""
+    import torch
+
+    if _arch_of(model) == "qwen2.5-omni" or not states:
+        return list(states)
+    projected = model.model.multi_modal_projector(torch.cat(states))
+    return list(torch.split(projected, [s.shape[0] for s in states]))
+
+
+def _encode_audio(model, features: "torch.Tensor", feature_mask: "torch.Tensor") -> list["torch.Tensor"]:
+    """Audio embeddings per clip, each (n_tokens, hidden), exactly as the model's own forward computes them."""
+    return project_audio(model, audio_tower_states(model, features, feature_mask))
+
+
+class SharedAudio:
+    """The audio embeddings of one pass over a step's rows: each distinct clip encoded once (in forward calls
+    of at most `chunk` clips) and shared by every micro-batch that holds one of its rows.
+
+    Why: a GRPO group's G completions share a clip and may span micro-batches; encoding per micro-batch ran
+    the encoder (most of the cost on small models: 30 s windows) once per micro-batch and pass.
+
+    With a trainable encoder or projector, micro-batches read detached leaf copies whose gradients
+    accumulate over the pass; the last micro-batch reads the live embeddings and adds `backward_term()` to
+    its loss, whose gradient through the encoder is the sum of the earlier micro-batches' embedding
+    gradients. So the encoder's backward runs once, inside the last micro-batch's backward: in DeepSpeed that
+    is the same micro-step on every rank (each runs the same number), so the gradient reductions of ZeRO 2/3
+    line up, and gradient accumulation sums exactly what per-micro-batch encoding summed. The cost: the
+    encoder's activations for all of the pass's clips stay alive until the last micro-batch (gradient
+    checkpointing keeps that to the layer inputs). Not valid with fp16 loss scaling (unsupported here).
+
+    `tower_states`: the pass reuses these tower outputs (a frozen tower, computed once per step) and only
+    runs the projector.
+    """
+
+    def __init__(self, model, features: "torch.Tensor", feature_mask: "torch.Tensor", *, chunk: int,
+                 tower_states: list["torch.Tensor"] | None = None):
+        import torch
+
+        if tower_states is None:
+            tower_states = tower_states_in_chunks(model, features, feature_mask, chunk)
+        self.live = project_audio(model, tower_states)
+        self.trains = any(e.requires_grad for e in self.live)
+        self.leaves = [e.detach().requires_grad_(True) for e in self.live] if self.trains else self.live
+        self._zero = torch.zeros((), device=features.device)
+
+    def embeds(self, clips: list[int], last: bool) -> list["torch.Tensor"]:
+        """Embeddings of the pass's clips numbered `clips`; `last`: for the pass's last micro-batch."""
+        source = self.live if last else self.leaves
+        return [source[j] for j in clips]
+
+    def backward_term(self) -> "torch.Tensor":
+        """sum_j <live_j, dL/d leaf_j> over the clips the earlier micro-batches read: add it to the last
+        micro-batch's loss before its backward. Only its gradient means something (do not report its value)."""
+        total = self._zero
+        for live, leaf in zip(self.live, self.leaves):
+            if self.trains and leaf.grad is not None:
+                total = total + (live * leaf.grad.to(live.dtype)).sum().float()
+        return total
 
 
 @contextmanager
@@ -181,7 +328,9 @@ def completion_logprobs(
     device = next(model.parameters()).device
     input_ids = batch["input_ids"].to(device)
     attention_mask = batch["attention_mask"].to(device)
-    clips = _encode_audio(model, batch["input_features"].to(device), batch["feature_attention_mask"].to(device))
+    clips = batch.get("audio_embeds")  # shared by a pass's micro-batches (`SharedAudio`), else encoded here
+    if clips is None:
+        clips = _encode_audio(model, batch["input_features"].to(device), batch["feature_attention_mask"].to(device))
     audio = torch.cat([clips[j] for j in batch["audio_index"].tolist()])
     embeds = model.get_input_embeddings()(input_ids)
     start, stop = batch["logits_slice"]

@@ -1,0 +1,91 @@
+"""Audio encoded once per pass and shared across micro-batches (`policy.SharedAudio`) gives the gradient of
+encoding per micro-batch (the learner's earlier path), in fp32 within 1e-6, for both architectures, with a
+trainable and a frozen tower, when a clip's rows span micro-batches; and the tower runs once per clip.
+Real transformers on the tiny checkpoints; no DeepSpeed (tests/integration/test_learner_gradients.py runs
+the learner itself)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sari_ray.models import policy
+
+pytestmark = pytest.mark.unit
+
+CLIP_OF_ROW = [0, 0, 1, 0, 2, 1, 0]  # micro-batches of 2: clips 0 and 1 span several
+LENGTHS = [3, 5, 2, 6, 4, 1, 5]
+MICRO = 2
+
+
+def _tone(freq: float, seconds: float) -> np.ndarray:
+    t = np.arange(int(16000 * seconds)) / 16000
+    return (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def _setup(path, frozen_tower):
+    model, processor = policy.load_policy(path)
+    if frozen_tower:
+        policy.audio_tower(model).requires_grad_(False)
+    messages = [{"role": "user", "content": [{"type": "audio", "audio": "x.wav"}, {"type": "text", "text": "High?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    clips = [_tone(880, 1.5), _tone(220, 0.7), _tone(440, 2.0)]
+    completions = [[20 + (i * 7 + t) % 40 for t in range(n)] for i, n in enumerate(LENGTHS)]
+    advantages = torch.tensor([(-1.0) ** i * (1 + i / 7) for i in range(len(LENGTHS))])
+    calls = []
+    policy.audio_tower(model).register_forward_hook(
+        lambda _m, args, kwargs, _out: calls.append(policy.clips_in_tower_call(args, kwargs)), with_kwargs=True)
+    return model, processor, prompt, clips, completions, advantages, calls
+
+
+def _loss(model, batch, index, advantages):
+    logprobs, _ = policy.completion_logprobs(model, batch, temperature=0.9)
+    return -(advantages[index][:, None] * logprobs * batch["completion_mask"]).sum() / sum(LENGTHS)
+
+
+def _grads(model):
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+@pytest.mark.parametrize("frozen_tower", [False, True], ids=["trained-tower", "frozen-tower"])
+@pytest.mark.parametrize("arch", ["qwen2-audio", "qwen2.5-omni"])
+def test_shared_audio_gradient_equals_per_micro_batch_encoding(arch, frozen_tower, request):
+    path = request.getfixturevalue({"qwen2-audio": "tiny_qwen2_audio", "qwen2.5-omni": "tiny_qwen2_5_omni"}[arch])
+    model, processor, prompt, clips, completions, advantages, calls = _setup(path, frozen_tower)
+    chunks = [list(range(i, min(i + MICRO, len(LENGTHS)))) for i in range(0, len(LENGTHS), MICRO)]
+
+    for index in chunks:  # the earlier path: every micro-batch encodes its own clips
+        batch = policy.build_batch(processor, [prompt] * len(index), [clips[CLIP_OF_ROW[j]] for j in index],
+                                   [completions[j] for j in index])
+        _loss(model, batch, index, advantages).backward()
+    per_micro_batch, old_calls = _grads(model), sum(calls)
+
+    calls.clear()
+    encoded = [policy.encode_prompt_audio(processor, prompt, clips[c]) for c in CLIP_OF_ROW]
+    first = [CLIP_OF_ROW.index(c) for c in range(len(clips))]
+    features = torch.stack([encoded[i]["input_features"] for i in first])
+    mask = torch.stack([encoded[i]["feature_attention_mask"] for i in first])
+    states = None
+    if frozen_tower:  # the learner computes a frozen tower's outputs once per step, without grad
+        with torch.no_grad():
+            states = policy.tower_states_in_chunks(model, features, mask, chunk=MICRO)
+    audio = policy.SharedAudio(model, features, mask, chunk=MICRO, tower_states=states)
+    for k, index in enumerate(chunks):
+        last = k == len(chunks) - 1
+        batch = policy.assemble_batch([encoded[j] for j in index], [CLIP_OF_ROW[j] for j in index],
+                                      [completions[j] for j in index], processor.tokenizer.pad_token_id)
+        batch["audio_embeds"] = audio.embeds(batch["clip_ids"], last)
+        loss = _loss(model, batch, index, advantages)
+        (loss + audio.backward_term() if last else loss).backward()
+    shared = _grads(model)
+
+    assert old_calls == 6 and sum(calls) == len(clips)  # micro-batches encoded 1+2+2+1 clips; now once each
+    assert shared.keys() == per_micro_batch.keys()
+    tower = [n for n in shared if "audio_tower" in n]
+    assert (not tower) if frozen_tower else len(tower) > 5
+    for name in tower or [n for n in shared if "projector" in n or "embed_tokens" in n]:
+        assert float(shared[name].abs().max()) > 1e-7, f"{name}: no gradient to compare"
+    diff = max(float((shared[n] - per_micro_batch[n]).abs().max()) for n in shared)
+    assert diff <= 1e-6, f"shared-audio gradient differs from per-micro-batch encoding by {diff}"
