@@ -285,7 +285,8 @@ class SharedAudio:
             tower_states = tower_states_in_chunks(model, features, feature_mask, chunk)
         self.live = project_audio(model, tower_states)
         self.trains = any(e.requires_grad for e in self.live)
-        self.leaves = [e.detach().requires_grad_(True) for e in self.live] if self.trains else self.live
+        # fp32 leaves: the micro-batches' gradients on a clip sum in fp32 (bf16 models), rounded once at the end
+        self.leaves = [e.detach().float().requires_grad_(True) for e in self.live] if self.trains else self.live
         self._zero = torch.zeros((), device=features.device)
 
     def embeds(self, clips: list[int], last: bool) -> list["torch.Tensor"]:

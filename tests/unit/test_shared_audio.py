@@ -89,3 +89,38 @@ def test_shared_audio_gradient_equals_per_micro_batch_encoding(arch, frozen_towe
         assert float(shared[name].abs().max()) > 1e-7, f"{name}: no gradient to compare"
     diff = max(float((shared[n] - per_micro_batch[n]).abs().max()) for n in shared)
     assert diff <= 1e-6, f"shared-audio gradient differs from per-micro-batch encoding by {diff}"
+
+
+def test_prompt_audio_cache_extracts_once_per_clip_and_prompt_and_stays_bounded(tiny_qwen2_audio, tmp_path):
+    import os
+
+    from transformers import AutoProcessor
+
+    from sari_ray.data.audio import AudioDecodeError, file_identity, load_audio, write_wav
+
+    processor = AutoProcessor.from_pretrained(str(tiny_qwen2_audio))
+    paths = [write_wav(tmp_path / f"{i}.wav", _tone(300 + 200 * i, 1.0)) for i in range(3)]
+    loads = []
+
+    def loader(path):
+        return lambda: loads.append(path) or load_audio(path).samples
+
+    P, Q = (f"<|audio_bos|><|AUDIO|><|audio_eos|>{text}" for text in ("High?", "Low?"))
+    entry_bytes = 128 * 3000 * 4 + 3000 * 8  # fp32 features + int64 mask of one 30 s window
+    cache = policy.PromptAudioCache(processor, max_bytes=2 * entry_bytes)
+    first = cache.get(P, file_identity(paths[0]), loader(paths[0]))
+    assert cache.get(P, file_identity(paths[0]), loader(paths[0])) is first and loads == [paths[0]]
+    want = policy.encode_prompt_audio(processor, P, load_audio(paths[0]).samples)
+    assert first["input_ids"] == want["input_ids"] and torch.equal(first["input_features"], want["input_features"])
+    cache.get(Q, file_identity(paths[0]), loader(paths[0]))  # another prompt: its own token ids
+    cache.get(P, file_identity(paths[1]), loader(paths[1]))  # over the bound: (P, clip 0) goes, least recent
+    cache.get(Q, file_identity(paths[0]), loader(paths[0]))
+    cache.get(P, file_identity(paths[0]), loader(paths[0]))
+    assert loads == [paths[0], paths[0], paths[1], paths[0]] and (cache.hits, cache.misses) == (2, 4)
+
+    before = file_identity(paths[2])
+    write_wav(paths[2], _tone(1000, 1.5))  # rewritten in place: size changes, so does the key
+    os.utime(paths[2], ns=(before[2] + 10**9, before[2] + 10**9))
+    assert file_identity(paths[2]) != before
+    with pytest.raises(AudioDecodeError, match="missing.wav"):
+        file_identity(tmp_path / "missing.wav")
