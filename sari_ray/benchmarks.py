@@ -20,6 +20,11 @@ SHAPES = {
                          num_key_value_heads=32, vocab_size=156032, max_position_embeddings=8192),
                audio=dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120,
                           num_mel_bins=128, max_source_positions=1500)),
+    # A 0.5B-class audio LM (Qwen2.5-0.5B decoder, untied head, whisper-base-sized encoder): ~0.6 B parameters.
+    "0.5b": dict(text=dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                           num_key_value_heads=2, vocab_size=151936, max_position_embeddings=8192),
+                 audio=dict(d_model=512, encoder_layers=6, encoder_attention_heads=8, encoder_ffn_dim=2048,
+                            num_mel_bins=128, max_source_positions=1500)),
     # Same code path on CPU in seconds (a test runs it).
     "tiny": dict(text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
                            num_key_value_heads=1, vocab_size=1024, max_position_embeddings=4096),
@@ -136,6 +141,185 @@ def learner_step_benchmark(shape="tiny", device="cpu", dtype="bfloat16", prompts
     return result
 
 
+# ---------------------------------------------------------------- bench sync
+# Both weight-sync paths on a random state dict of a model shape, without Ray or vLLM (so it runs on a GPU box
+# that has only torch): the object-store path as the real one does it per bucket -- safetensors serialise, the
+# copies the bytes go through (into the object store, into the engine's worker process), deserialise, apply
+# (copy into a same-shaped state dict) -- and the collective path as a real torch.distributed broadcast between
+# two local processes (gloo on CPU, NCCL on two GPUs), bucket by bucket, as `engines.weight_sync_group` does.
+def random_state_dict(shape: str, dtype, fill: bool = True) -> dict:
+    """The published-layout state dict of a SHAPES model (random values, or zeros when fill=False)."""
+    import torch
+
+    from sari_ray.engines.weight_buckets import hf_to_checkpoint_names
+
+    model, _ = build_random_model(shape, dtype, "meta")
+    out = {}
+    for name, t in model.state_dict().items():
+        tensor = torch.empty(t.shape, dtype=t.dtype)
+        out[hf_to_checkpoint_names(name, "qwen2-audio")] = tensor.normal_() if fill and tensor.is_floating_point() \
+            else tensor.zero_()
+    return out
+
+
+def state_bytes(shape: str, dtype) -> int:
+    model, _ = build_random_model(shape, dtype, "meta")
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def available_memory_bytes() -> int:
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+def _buckets(state: dict, bucket_bytes: int):
+    from sari_ray.engines.weight_buckets import group_by_layer, iter_tensor_buckets
+
+    return iter_tensor_buckets(group_by_layer(state, "qwen2-audio").values(), bucket_bytes, device=None)
+
+
+def object_store_sync(source: dict, target: dict, bucket_bytes: int) -> dict:
+    """Per bucket: serialise, two copies of the bytes, deserialise, copy into `target`. Seconds per phase."""
+    from safetensors.torch import load, save
+
+    phases = dict.fromkeys(("serialise_s", "copy_s", "deserialise_s", "apply_s"), 0.0)
+    total_bytes = buckets = 0
+    t_start = time.perf_counter()
+    for bucket in _buckets(source, bucket_bytes):
+        t0 = time.perf_counter()
+        data = save(bucket)
+        t1 = time.perf_counter()
+        data = memoryview(memoryview(data).tobytes()).tobytes()  # ray.put into the store; RPC into the worker
+        t2 = time.perf_counter()
+        loaded = load(data)
+        t3 = time.perf_counter()
+        for name, tensor in loaded.items():
+            target[name].copy_(tensor)
+        t4 = time.perf_counter()
+        for key, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            phases[key] += dt
+        total_bytes += len(data)
+        buckets += 1
+        del data, loaded
+    return {"seconds": time.perf_counter() - t_start, "bytes": total_bytes, "buckets": buckets, "phases": phases}
+
+
+def _collective_rank(rank: int, shape: str, dtype_name: str, bucket_bytes: int, port: int, device: str, queue,
+                     repeats: int):
+    """One of the two processes of the collective path: rank 0 sends `shape`'s random weights, rank 1 receives
+    them into zeros and reports seconds and whether the per-tensor sums agree."""
+    import torch
+
+    from sari_ray.engines.weight_buckets import bucket_layout, tensors_checksum
+    from sari_ray.engines.weight_sync_group import (backend_for, broadcast_from_rank0, join_group,
+                                                  receive_buckets, send_buckets)
+
+    try:
+        torch.manual_seed(0)
+        dev = f"cuda:{rank}" if device == "cuda" else "cpu"
+        if device == "cuda":
+            torch.cuda.set_device(rank)
+        state = {k: v.to(dev) for k, v in random_state_dict(shape, getattr(torch, dtype_name), fill=rank == 0).items()}
+        plan = [bucket_layout(b) for b in _buckets(state, bucket_bytes)]
+        group = join_group("127.0.0.1", port, rank, 2, backend=backend_for(dev), timeout_s=600)
+        runs = []
+        for _ in range(repeats):
+            _allreduce(group, torch.zeros(1, device=dev))  # both sides start together
+            t0 = time.perf_counter()
+            if rank == 0:
+                sent = send_buckets(group, _buckets(state, bucket_bytes), plan, dev)
+            else:
+                sent = 0
+                for name, tensor in receive_buckets(group, plan, dev):
+                    state[name].copy_(tensor)
+                    sent += tensor.numel() * tensor.element_size()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            runs.append(time.perf_counter() - t0)
+        seconds = min(runs)
+        mine = torch.tensor([tensors_checksum([t]) for t in state.values()], dtype=torch.float64, device=dev)
+        senders = mine.clone()
+        broadcast_from_rank0(group, senders)  # the sender's per-tensor sums, to compare with what arrived
+        queue.put((rank, {"seconds": seconds, "runs_s": runs, "bytes": sent, "buckets": len(plan),
+                          "backend": backend_for(dev),
+                          "delivered_exactly": bool(torch.equal(senders, mine))}))
+    except BaseException as err:  # reported by the parent
+        queue.put((rank, {"error": repr(err)}))
+        raise
+
+
+def _allreduce(group, tensor) -> None:
+    import torch.distributed as dist
+
+    options = dist.AllreduceOptions()
+    options.reduceOp = dist.ReduceOp.SUM
+    group.allreduce([tensor], options).wait()
+
+
+def collective_sync(shape: str, dtype_name: str, bucket_bytes: int, device: str = "cpu", repeats: int = 3) -> dict:
+    """Two spawned processes and a real torch.distributed broadcast, bucket by bucket (the receiver's view)."""
+    import torch.multiprocessing as mp
+
+    from sari_ray.engines.weight_sync_group import open_store
+
+    store, port, listener = open_store("127.0.0.1", 2, 600)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_collective_rank,
+                         args=(r, shape, dtype_name, bucket_bytes, port, device, queue, repeats)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=1800) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    del store, listener
+    errors = {r: v["error"] for r, v in results.items() if "error" in v}
+    if errors:
+        raise RuntimeError(f"collective sync benchmark failed: {errors}")
+    return results[1]
+
+
+def sync_benchmark(shape: str = "tiny", backends: tuple[str, ...] = ("object_store", "collective"),
+                   dtype: str = "bfloat16", bucket_mb: float = 64.0, device: str = "cpu", repeats: int = 3) -> dict:
+    """Bytes, seconds (the best of `repeats` runs: other work on the machine only adds) and GB/s of each
+    weight-sync path for a random state dict of `shape`. Refuses a shape
+    whose two copies (sender's and receiver's) do not fit in the memory available now."""
+    import torch
+
+    torch_dtype = getattr(torch, dtype)
+    model_bytes = state_bytes(shape, torch_dtype)
+    bucket_bytes = int(bucket_mb * 2**20)
+    need = 2 * model_bytes + 4 * bucket_bytes + 2**30
+    available = available_memory_bytes()
+    if need > available:
+        raise MemoryError(f"bench sync --shape {shape}: needs about {need / 2**30:.1f} GiB (the sender's and the "
+                          f"receiver's copy of a {model_bytes / 2**30:.1f} GiB {dtype} state dict, plus buckets) but "
+                          f"{available / 2**30:.1f} GiB are available; run it on a machine with more memory or "
+                          "take a smaller --shape")
+    if device == "cuda" and "collective" in backends and torch.cuda.device_count() < 2:
+        raise RuntimeError("bench sync --device cuda: the collective path broadcasts between two GPUs (NCCL refuses "
+                           f"two ranks on one), and this machine has {torch.cuda.device_count()}")
+    result: dict = {"shape": shape, "dtype": dtype, "bucket_mb": bucket_mb, "model_bytes": model_bytes,
+                    "params": sum(p.numel() for p in build_random_model(shape, torch_dtype, "meta")[0].parameters()),
+                    "device": device}
+    if "object_store" in backends:
+        source = random_state_dict(shape, torch_dtype)
+        target = {k: torch.zeros_like(v) for k, v in source.items()}
+        runs = [object_store_sync(source, target, bucket_bytes) for _ in range(repeats)]
+        figures = {**min(runs, key=lambda r: r["seconds"]), "runs_s": [r["seconds"] for r in runs]}
+        figures["delivered_exactly"] = all(torch.equal(source[k], target[k]) for k in source)
+        del source, target
+        result["object_store"] = figures
+    if "collective" in backends:
+        result["collective"] = collective_sync(shape, dtype, bucket_bytes, device, repeats)
+    for name in ("object_store", "collective"):
+        if name in result:
+            result[name]["gb_per_s"] = result[name]["bytes"] / result[name]["seconds"] / 1e9
+    return result
+
+
 def register_cli(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="benchmarks that print figures")
     kinds = bench.add_subparsers(dest="bench_command", required=True)
@@ -153,6 +337,19 @@ def register_cli(subparsers) -> None:
     step.add_argument("--gradient-checkpointing", action="store_true")
     step.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100/H200 SXM: 989)")
     step.set_defaults(func=_run_learner_step)
+    sync = kinds.add_parser("sync", help="weight sync, object store vs collective, on a random state dict (GB/s)")
+    sync.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    sync.add_argument("--backend", choices=("object_store", "collective", "both"), default="both")
+    sync.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    sync.add_argument("--bucket-mb", type=float, default=64.0, help="as learner.sync_bucket_mb")
+    sync.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                      help="cuda: the collective path between two GPUs (NCCL); the object-store path is host memory")
+    sync.add_argument("--repeats", type=int, default=3, help="runs per path; the best is reported")
+    sync.add_argument("--json", action="store_true", help="last line: the figures as one JSON object")
+    sync.set_defaults(func=_run_sync)
+    from sari_ray.bench_pipeline import add_parser as add_pipeline_parser  # bench pipeline (real Ray and vLLM)
+
+    add_pipeline_parser(kinds)
 
 
 def _run_learner_step(args: argparse.Namespace) -> int:
@@ -162,4 +359,24 @@ def _run_learner_step(args: argparse.Namespace) -> int:
         completion_len=args.completion_len, audio_seconds=args.audio_seconds, steps=args.steps, warmup=args.warmup,
         gradient_checkpointing=args.gradient_checkpointing, peak_tflops=args.peak_tflops)
     print(json.dumps(result, indent=1))
+    return 0
+
+
+def _run_sync(args: argparse.Namespace) -> int:
+    backends = ("object_store", "collective") if args.backend == "both" else (args.backend,)
+    try:
+        result = sync_benchmark(args.shape, backends, dtype=args.dtype, bucket_mb=args.bucket_mb, device=args.device,
+                                repeats=args.repeats)
+    except (MemoryError, RuntimeError) as err:
+        print(f"error: {err}")
+        return 2
+    print(f"weight sync, shape {args.shape} ({result['params'] / 1e9:.3g} B parameters, {args.dtype}, "
+          f"{result['model_bytes'] / 2**20:.1f} MiB), buckets of {args.bucket_mb:g} MiB")
+    for name in backends:
+        r = result[name]
+        extra = ", ".join(f"{k} {v:.3f}" for k, v in r.get("phases", {}).items())
+        print(f"  {name:<12} {r['bytes'] / 2**20:9.1f} MiB in {r['buckets']:4d} buckets  {r['seconds']:8.3f} s  "
+              f"{r['gb_per_s']:6.2f} GB/s  exact={r['delivered_exactly']}" + (f"  ({extra})" if extra else ""))
+    if args.json:
+        print(json.dumps(result))
     return 0

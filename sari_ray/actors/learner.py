@@ -28,12 +28,28 @@ class LearnerActor:
     def grpo_step(self, records, learning_rate):
         return self.learner.grpo_step(records, learning_rate)
 
-    def export_weight_bucket_refs(self, bucket_bytes: int) -> list:
+    def export_weight_bucket_refs(self, bucket_bytes: int, include_frozen: bool = True) -> list:
         """Buckets go into the object store as each fills; only their refs travel to the driver. Call on every
         rank (ZeRO-3 gathers are collectives); rank 0 returns the refs, the others []."""
         import ray
 
-        return [ray.put(bucket) for bucket in self.learner.export_weight_buckets(bucket_bytes)]
+        return [ray.put(bucket) for bucket in self.learner.export_weight_buckets(bucket_bytes, include_frozen)]
+
+    def weight_sync_plan(self, bucket_bytes: int, include_frozen: bool = True) -> list:
+        return self.learner.weight_sync_plan(bucket_bytes, include_frozen)
+
+    def open_weight_sync_store(self, world_size: int, timeout_s: float) -> tuple[str, int]:
+        """Rank 0: the collective sync group's store on this node; returns (host, port) for the engines."""
+        import ray
+
+        host = ray.util.get_node_ip_address()
+        return host, self.learner.open_weight_sync_store(host, world_size, timeout_s)
+
+    def join_weight_sync_group(self, host: str, port: int, world_size: int, timeout_s: float) -> None:
+        self.learner.join_weight_sync_group(host, port, world_size, timeout_s)
+
+    def broadcast_weights(self, plan: list, bucket_bytes: int, include_frozen: bool = True) -> int:
+        return self.learner.broadcast_weights(plan, bucket_bytes, include_frozen)
 
     def param_sums(self) -> dict[str, float]:
         return self.learner.param_sums()

@@ -47,15 +47,38 @@ class RolloutWorker:
         return [{**r, "weight_version": self.engine.weight_version} for r in records]
 
     def load_weights(self, bucket_refs: list, version: int) -> dict:
-        """Reload in place from object-store buckets (one engine call per bucket)."""
+        """Reload in place from object-store buckets, fetching each as the engine asks for it and applying it
+        before fetching the next (about one bucket in memory here and in the engine's worker)."""
         import ray
 
         t0 = time.perf_counter()
-        buckets = [ray.get(ref) for ref in bucket_refs]
-        fetched = time.perf_counter() - t0
-        loaded_bytes, load_s = self.engine.load_weights(buckets, version)
-        return {"bytes": loaded_bytes, "fetch_s": fetched, "load_s": load_s, "total_s": time.perf_counter() - t0,
-                "version": version}
+        fetch_s = 0.0
+
+        def fetched():
+            nonlocal fetch_s
+            for ref in bucket_refs:
+                t = time.perf_counter()
+                bucket = ray.get(ref)
+                fetch_s += time.perf_counter() - t
+                yield bucket
+
+        loaded_bytes, load_s = self.engine.load_weights(fetched(), version)
+        return {"bytes": loaded_bytes, "fetch_s": fetch_s, "load_s": load_s - fetch_s,
+                "total_s": time.perf_counter() - t0, "version": version}
+
+    def join_weight_sync_group(self, host: str, port: int, world_size: int, rank_offset: int,
+                               timeout_s: float) -> list[int]:
+        """The engine's workers join the collective sync group (blocks until every member has)."""
+        return self.engine.join_weight_sync_group(host, port, world_size, rank_offset, timeout_s)
+
+    def receive_weights(self, plan: list, version: int) -> dict:
+        """One collective sync: buckets broadcast by learner rank 0, laid out as `plan`, applied as they arrive."""
+        loaded_bytes, seconds = self.engine.receive_weights(plan, version)
+        return {"bytes": loaded_bytes, "load_s": seconds, "total_s": seconds, "version": version}
+
+    def engine_ranks(self) -> int:
+        """Processes this worker's engine puts in the sync group (one per tensor-parallel rank)."""
+        return self.engine.tensor_parallel_size
 
     def param_sums(self) -> list[dict[str, float]]:
         """Per engine rank {vLLM parameter name: float64 sum} (compare with `weight_buckets.compare_param_sums`)."""

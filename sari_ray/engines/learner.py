@@ -24,8 +24,10 @@ import torch
 from sari_ray import grpo
 from sari_ray.data.audio import file_identity, load_audio
 from sari_ray.data.schema import AudioMCQ
-from sari_ray.engines.weight_buckets import (group_by_layer, hf_to_checkpoint_names,
-                                             iter_weight_buckets, tensors_checksum)
+from sari_ray.engines.weight_buckets import (bucket_layout, frozen_audio_prefixes, group_by_layer,
+                                             hf_to_checkpoint_names, iter_tensor_buckets, iter_weight_buckets,
+                                             tensors_checksum)
+from sari_ray.engines.weight_sync_group import backend_for, join_group, open_store, send_buckets
 from sari_ray.models import policy as policy_lib
 from sari_ray.prompts import PromptStyle, build_messages, render_prompt, sft_target
 
@@ -320,17 +322,26 @@ class DeepSpeedLearner:
     # must run every method below (the driver calls them on the whole group), or rank 0 waits forever.
     # Gathering goes layer group by layer group (the sync's bucket boundaries), so a 7B model is never
     # materialised whole on one rank; rank 0 keeps what it needs, the others only take part.
-    def _layer_groups(self, *, engine_only: bool = False, all_ranks: bool = False
-                      ) -> Iterator[dict[str, torch.Tensor]]:
-        """{published name: CPU tensor} per layer group, in order; empty dicts on ranks that keep nothing.
-        engine_only: what the rollout engines hold (an Omni engine serves audio only: no vision tower)."""
-        skip = ("thinker.visual.",) if engine_only and self.arch == "qwen2.5-omni" else ()
+    def _layer_groups(self, *, engine_only: bool = False, all_ranks: bool = False, skip_frozen: bool = False,
+                      to_cpu: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+        """{published name: tensor} per layer group, in order; empty dicts on ranks that keep nothing.
+        engine_only: what the rollout engines hold (an Omni engine serves audio only: no vision tower).
+        skip_frozen: leave out a frozen audio encoder (it never changes). to_cpu=False keeps tensors on the
+        learner's device (a copy under ZeRO-3: gathered parameters are released after their group)."""
         keep = all_ranks or self.rank == 0
         state = self.engine.module.state_dict(keep_vars=True)
-        for members in group_by_layer(state, self.arch, skip).values():
+        for members in group_by_layer(state, self.arch, self._skipped_prefixes(engine_only, skip_frozen)).values():
             with self._gathered(list(members.values())):
-                yield ({name: t.detach().to("cpu", copy=self.zero_stage == 3) for name, t in members.items()}
-                       if keep else {})
+                yield ({name: (t.detach().to("cpu", copy=self.zero_stage == 3) if to_cpu
+                               else t.detach().clone() if self.zero_stage == 3 else t.detach())
+                        for name, t in members.items()} if keep else {})
+
+    def _skipped_prefixes(self, engine_only: bool, skip_frozen: bool) -> tuple[str, ...]:
+        skip = ("thinker.visual.",) if engine_only and self.arch == "qwen2.5-omni" else ()
+        if skip_frozen and not any(p.requires_grad for n, p in self.engine.module.named_parameters()
+                                   if "audio_tower" in n):
+            skip += frozen_audio_prefixes(self.arch)
+        return skip
 
     def _gathered(self, tensors: list[torch.Tensor]):
         if self.zero_stage != 3:
@@ -339,15 +350,47 @@ class DeepSpeedLearner:
 
         return deepspeed.zero.GatheredParameters([t for t in tensors if hasattr(t, "ds_id")], modifier_rank=None)
 
-    def export_weight_buckets(self, bucket_bytes: int) -> Iterator[bytes]:
+    def export_weight_buckets(self, bucket_bytes: int, include_frozen: bool = True) -> Iterator[bytes]:
         """The model as safetensors buckets in the published checkpoint layout (for the engines), each yielded
-        as soon as it is full; only rank 0 yields any."""
-        groups = self._layer_groups(engine_only=True)
+        as soon as it is full; only rank 0 yields any. include_frozen=False leaves out a frozen audio encoder."""
+        groups = self._layer_groups(engine_only=True, skip_frozen=not include_frozen)
         if self.rank != 0:
             for _ in groups:  # take part in each gather
                 pass
             return
         yield from iter_weight_buckets(groups, bucket_bytes)
+
+    # The collective path (`weight_sync_group`): rank 0 broadcasts each bucket as one flat tensor to the engines.
+    def weight_sync_plan(self, bucket_bytes: int, include_frozen: bool = True) -> list[list[tuple]]:
+        """The bucket layouts (names, dtypes, shapes, offsets) the next `broadcast_weights` sends, from the
+        parameters' shapes alone (no gathering, no copy): receivers allocate from it."""
+        state = self.engine.module.state_dict(keep_vars=True)
+        groups = group_by_layer(state, self.arch, self._skipped_prefixes(True, not include_frozen))
+        meta = ({name: torch.empty(tuple(getattr(t, "ds_shape", t.shape)), dtype=t.dtype, device="meta")
+                 for name, t in members.items()} for members in groups.values())
+        return [bucket_layout(bucket) for bucket in iter_tensor_buckets(meta, bucket_bytes, device=None)]
+
+    def open_weight_sync_store(self, host: str, world_size: int, timeout_s: float) -> int:
+        """Rank 0 hosts the sync group's rendezvous store; returns its port."""
+        self._sync_store = open_store(host, world_size, timeout_s)
+        return self._sync_store[1]
+
+    def join_weight_sync_group(self, host: str, port: int, world_size: int, timeout_s: float) -> None:
+        """Rank 0 joins the sync group as its rank 0 (blocks until every engine worker has joined)."""
+        store = self._sync_store[0] if getattr(self, "_sync_store", None) and self._sync_store[1] == port else None
+        self._sync_group = join_group(host, port, 0, world_size, backend=backend_for(self.device),
+                                      timeout_s=timeout_s, store=store)
+
+    def broadcast_weights(self, plan: list[list[tuple]], bucket_bytes: int, include_frozen: bool = True) -> int:
+        """Rank 0 broadcasts the buckets `plan` lays out over the sync group (returns bytes sent); the other
+        ranks only take part in the gathers (ZeRO-3) and return 0. Call on every rank."""
+        groups = self._layer_groups(engine_only=True, skip_frozen=not include_frozen, to_cpu=self.device == "cpu")
+        if self.rank != 0:
+            for _ in groups:
+                pass
+            return 0
+        buckets = iter_tensor_buckets(groups, bucket_bytes, device=None)
+        return send_buckets(self._sync_group, buckets, plan, self.device)
 
     def param_sums(self) -> dict[str, float]:
         """{published name: float64 sum} of what the engines hold, on every rank (ranks must agree), to compare

@@ -13,6 +13,7 @@ and the cache resets.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
 SAMPLING_RATE = 16000
 WORKER_EXTENSION = "sari_ray.engines.vllm_worker_ext.WeightSyncExtension"
+TORN_WEIGHTS = -1  # weight_version of an engine whose last sync failed halfway
 
 
 @dataclass
@@ -165,25 +167,62 @@ class VLLMEngine:
             scores.append([float(pos[tid].logprob) for tid, pos in zip(c, tail)])
         return scores
 
-    def load_weights(self, buckets: list[bytes], version: int) -> tuple[int, float]:
-        """Load safetensors buckets (published checkpoint names, see `weight_buckets.export_weight_buckets`)
-        in place: one `collective_rpc` per bucket to stage it, one to reload them all (see
-        `vllm_worker_ext`); then drop every cache derived from the old weights. Returns (bytes, seconds).
-        Call between `generate` calls, not during one."""
+    def load_weights(self, buckets: Iterable[bytes], version: int) -> tuple[int, float]:
+        """Load safetensors buckets (published checkpoint names, whole layers; see
+        `weight_buckets.export_weight_buckets`) in place, each applied as it arrives (one `collective_rpc` per
+        bucket into one streamed reload, see `vllm_worker_ext`): `buckets` may be a generator that fetches
+        them one at a time, so neither this process nor the worker holds more than about one bucket. Then
+        drop every cache derived from the old weights. Returns (bytes, seconds). Call between `generate` calls.
+
+        The version changes only after the last bucket; a sync that fails halfway leaves some layers new and
+        some old, so the engine's version becomes -1 (its completions are refused) until a sync succeeds."""
         t0 = time.perf_counter()
+        loaded = 0
+        self.llm.collective_rpc("sari_stream_begin")
         try:
             for bucket in buckets:
-                self.llm.collective_rpc("sari_stage_bucket", args=(bucket,))
-            self.llm.collective_rpc("sari_apply_staged")
+                loaded += len(bucket)
+                self.llm.collective_rpc("sari_stream_bucket", args=(bucket,))
+                del bucket
+            self.llm.collective_rpc("sari_stream_end")
         except BaseException:
-            self.llm.collective_rpc("sari_drop_staged")
+            self.weight_version = TORN_WEIGHTS
+            self.llm.collective_rpc("sari_stream_abort")
+            self._weights_changed(TORN_WEIGHTS)  # the layers applied before the failure are new
             raise
+        self._weights_changed(version)
+        return loaded, time.perf_counter() - t0
+
+    def join_weight_sync_group(self, host: str, port: int, world_size: int, rank_offset: int,
+                               timeout_s: float) -> list[int]:
+        """Every engine worker joins the collective sync group (`weight_sync_group`) as ranks rank_offset,
+        rank_offset + 1, ... (one per tensor-parallel rank). Blocks until the whole group has joined."""
+        return self.llm.collective_rpc("sari_join_sync_group", args=(host, port, world_size, rank_offset, timeout_s))
+
+    def leave_weight_sync_group(self) -> None:
+        self.llm.collective_rpc("sari_leave_sync_group")
+
+    def receive_weights(self, plan: list, version: int) -> tuple[int, float]:
+        """One sync over the collective group: the buckets `plan` lays out (see `weight_buckets.bucket_layout`)
+        arrive by broadcast from learner rank 0 and are applied as they arrive. Returns (bytes, seconds)."""
+        from sari_ray.engines.weight_buckets import layout_nbytes
+
+        t0 = time.perf_counter()
+        try:
+            self.llm.collective_rpc("sari_receive_broadcast", args=(plan,))
+        except BaseException:
+            self.weight_version = TORN_WEIGHTS
+            self._weights_changed(TORN_WEIGHTS)
+            raise
+        self._weights_changed(version)
+        return sum(layout_nbytes(layout) for layout in plan), time.perf_counter() - t0
+
+    def _weights_changed(self, version: int) -> None:
         # The worker cleared its own encoder cache, but the scheduler still believes a clip seen before is
         # cached ("Encoder cache miss" otherwise), and prefix-cached KV blocks hold old-weight activations.
         self.llm.llm_engine.reset_encoder_cache()
         self.llm.reset_prefix_cache()
         self.weight_version = version
-        return sum(len(b) for b in buckets), time.perf_counter() - t0
 
     def weights_checksum(self) -> float:
         """float64 sum of all engine parameters, to compare with `weight_buckets.tensors_checksum` of the

