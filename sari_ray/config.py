@@ -40,6 +40,7 @@ class RunConfig:
     seed: int = 0
     resume: bool = False  # continue the last checkpoint in output_dir (same MLflow run, same data order)
     device: str = "auto"  # auto | cpu | cuda
+    max_restarts: int = 3  # a learner that dies: the learner group restarts from the last checkpoint this often
 
 
 @dataclass
@@ -49,6 +50,7 @@ class ClusterConfig:
     torch_threads_per_actor: int = 1  # torch / OMP threads in each learner and rollout actor
     setup_timeout_s: float = 1800.0  # deadline for actors to start (placement, model load, engine start)
     resource_wait_s: float = 300.0  # how long to wait for a cluster to offer the actors' resources (autoscaling)
+    step_timeout_s: float | None = None  # deadline of each per-step remote call; None: derived (see step_timeout_s)
 
 
 @dataclass
@@ -216,7 +218,8 @@ POSITIVE = ("rollout.num_workers", "learner.num_workers", "grpo.prompts_per_step
             "curriculum.window", "learner.micro_batch_size", "rollout.tensor_parallel_size",
             "grpo.steps", "checkpoint.every", "checkpoint.keep_last", "eval.max_samples", "tracking.log_every",
             "cluster.torch_threads_per_actor", "rollout.max_model_len")  # integers >= 1
-NON_NEGATIVE = ("sft.steps", "sft.checkpoint_every", "rollout.max_restarts", "eval.every", "curriculum.min_steps_at_tier",
+NON_NEGATIVE = ("sft.steps", "sft.checkpoint_every", "rollout.max_restarts", "run.max_restarts", "eval.every",
+                "curriculum.min_steps_at_tier",
                 "data.synth_if_missing",
                 "tracking.completions_table_every")  # integers >= 0 (0: off)
 
@@ -249,6 +252,9 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
                          "use a whole number >= 1 (Ray gives a node whole CPUs), or null to count the actors' CPUs"),
     "cluster.resource_wait_s": (lambda v: _finite(v) and v >= 0,
                                 "use seconds >= 0 (time for an autoscaler to add nodes; default 300)"),
+    "cluster.step_timeout_s": (lambda v: _finite(v) and v > 0,
+                               "use seconds > 0, or null for the default derived from the step's size "
+                               "(10 min + 10 ms per token one actor generates or trains on in a step)"),
     "cluster.setup_timeout_s": (lambda v: _finite(v) and v > 0,
                                 "use seconds > 0 (a 7B engine start takes minutes; default 1800)"),
     "model.path": (_nonempty, "set the HF checkpoint directory"),
@@ -538,6 +544,21 @@ def _check_values(cfg: DictConfig) -> None:
         raise ConfigError(problems[0])
     if problems:
         raise ConfigError(f"{len(problems)} config problems (nothing was started):\n  " + "\n  ".join(problems))
+
+
+def step_timeout_s(cfg: DictConfig) -> float:
+    """Deadline of each per-step remote call (generate, learn, sync, evaluate, checkpoint): cluster.step_timeout_s,
+    or 10 min plus 10 ms per completion token that one rollout worker generates or one learner trains on in a
+    step. Generous on purpose (a 7B vLLM engine generates thousands of tokens a second; the tiny CPU model ~40):
+    it turns a hang into an error naming the actor, it does not police speed."""
+    if cfg.cluster.step_timeout_s is not None:
+        return float(cfg.cluster.step_timeout_s)
+    g = cfg.grpo
+    tokens = g.prompts_per_step * g.num_generations * g.max_completion_length
+    eval_tokens = cfg.eval.max_samples * g.max_completion_length * (2 if cfg.eval.silent_audio else 1)
+    per_actor = max((tokens + eval_tokens) / cfg.rollout.num_workers,
+                    tokens * g.num_iterations / cfg.learner.num_workers)
+    return 600.0 + 0.01 * per_actor
 
 
 def grpo_settings(cfg: DictConfig) -> GRPOSettings:

@@ -12,7 +12,8 @@ from typing import Any, Callable
 
 import ray
 
-from sari_ray.actors.wiring import ActorGroup, get_within
+from sari_ray.actors.wiring import ActorGroup, StepTimeout, get_within
+from sari_ray.actors.wiring import first_line as _first_line
 
 
 class RolloutWorkerLost(RuntimeError):
@@ -21,8 +22,9 @@ class RolloutWorkerLost(RuntimeError):
 
 class RolloutGroup(ActorGroup):
     def __init__(self, actors: list, max_restarts: int, ready_timeout_s: float,
-                 on_restart: Callable[[int, str, float], None] = lambda index, cause, seconds: None):
-        super().__init__(actors)
+                 on_restart: Callable[[int, str, float], None] = lambda index, cause, seconds: None,
+                 step_timeout_s: float | None = None):
+        super().__init__(actors, "rollout worker", step_timeout_s)
         self.max_restarts, self.ready_timeout_s, self.on_restart = max_restarts, ready_timeout_s, on_restart
         self.restarts = [0] * len(actors)
         self.weights: tuple[list, int] | None = None  # (bucket refs, version) of the last sync
@@ -34,13 +36,14 @@ class RolloutGroup(ActorGroup):
     def load_weights(self, bucket_refs: list, version: int) -> list[dict]:
         """Every worker reloads `bucket_refs` as `version` (remembered for workers restarted later)."""
         self.weights = (bucket_refs, version)
-        return self._each([(i, lambda a: a.load_weights.remote(bucket_refs, version)) for i in range(len(self))])
+        return self._each([(i, lambda a: a.load_weights.remote(bucket_refs, version)) for i in range(len(self))],
+                          what="load_weights")
 
     def sharded(self, method: str, shards: list, *args, **kwargs) -> list:
         """One shard per worker (empty shards skipped); results must carry the current weight version."""
         calls = [(i, lambda a, shard=shard: getattr(a, method).remote(shard, *args, **kwargs))
                  for i, shard in enumerate(shards) if shard]
-        return self._each(calls, valid=self._current_weights)
+        return self._each(calls, valid=self._current_weights, what=method)
 
     def _current_weights(self, result: list[dict]) -> bool:
         """A worker that restarted between calls serves the base model: its answers say so."""
@@ -48,18 +51,24 @@ class RolloutGroup(ActorGroup):
         versions = {c["weight_version"] for r in result for c in r.get("completions", [r])}
         return versions <= {expected}
 
-    def _each(self, calls: list[tuple[int, Callable]], valid: Callable[[Any], bool] | None = None) -> list:
+    def _each(self, calls: list[tuple[int, Callable]], valid: Callable[[Any], bool] | None = None,
+              what: str = "a call") -> list:
+        """Each worker's result, within `timeout_s` per call (a re-issued call gets its own)."""
         refs = {i: make(self.actors[i]) for i, make in calls}
         out: dict[int, Any] = {}
         for i, make in calls:
             while i not in out:
                 try:
-                    result = ray.get(refs[i])
+                    result = ray.get(refs[i], timeout=self.timeout_s)
                     if valid is None or valid(result):
                         out[i] = result
                         continue
                     self._restart(i, "it answered with the base model's weights: it restarted between calls",
                                   died=True)
+                except ray.exceptions.GetTimeoutError:
+                    raise StepTimeout(f"rollout worker {i} did not finish {what} within {self.timeout_s:.0f} s "
+                                      f"(cluster.step_timeout_s; the last complete checkpoint stays, resume with "
+                                      f"run.resume=true). Check its log for what it waits on.") from None
                 except ray.exceptions.RayActorError as err:  # the worker process died (signal, OOM, node loss)
                     self._restart(i, _first_line(err), died=True)
                 except ray.exceptions.RayTaskError as err:  # the worker lives but its engine failed
@@ -100,10 +109,3 @@ class RolloutGroup(ActorGroup):
             except ray.exceptions.ActorDiedError as err:  # Ray gave up on it (its own max_restarts)
                 raise RolloutWorkerLost(f"rollout worker {index} could not be restarted: {_first_line(err)}") from None
 
-
-def _first_line(err: Exception) -> str:
-    """The cause Ray reports (signal, OOM, exception text), without the stack."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    useful = [line for line in lines if any(k in line for k in ("SIGKILL", "OOM", "memory", "signal", "died",
-                                                                "Error", "exit"))]
-    return (useful or lines or [type(err).__name__])[0][:500]

@@ -1,22 +1,78 @@
 """Where plain classes become Ray actors, with resources from the config, and the one fan-out helper."""
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import ray
 
+from sari_ray.actors.errors import ActorDied, StepTimeout
 from sari_ray.actors.learner import LearnerActor
 from sari_ray.actors.reward import RewardScorer
 from sari_ray.actors.rollout import RolloutWorker
-from sari_ray.config import actor_resources
+from sari_ray.config import actor_resources, step_timeout_s
 from sari_ray.curriculum import CurriculumScheduler
 
 
-class ActorGroup:
-    """N actors of one role; `*_refs` methods return ObjectRefs, the others wait."""
+PEER_DEATH_GRACE_S = 10.0  # an error on one rank may be its collective losing a dead peer: look for that death
 
-    def __init__(self, actors: list):
-        self.actors = actors
+
+def get_all(refs: list, seconds: float | None, role: str, phase: str, ranks: list[int] | None = None) -> list:
+    """ray.get of one call per actor that fails fast and names the actor: a rank that died raises `ActorDied`
+    at once, even while the others wait forever in a collective with it; an error on a live rank that follows a
+    peer's death (gloo: connection closed) is reported as that death; nothing within `seconds` (None: no
+    deadline) raises `StepTimeout` naming the ranks still running."""
+    ranks = list(range(len(refs))) if ranks is None else ranks
+    rank_of = {ref: rank for ref, rank in zip(refs, ranks)}
+    results: dict[int, Any] = {}
+    pending = list(refs)
+    deadline = None if seconds is None else time.monotonic() + seconds
+    while pending:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+        if not ready:
+            late = sorted(rank_of[r] for r in pending)
+            raise StepTimeout(f"{role} rank(s) {late} did not finish {phase} within {seconds:.0f} s "
+                              f"(cluster.step_timeout_s; the last complete checkpoint stays, resume with "
+                              f"run.resume=true). Check those actors' logs for what they wait on.")
+        try:
+            results[rank_of[ready[0]]] = ray.get(ready[0])
+        except ray.exceptions.RayActorError as err:
+            raise ActorDied(role, rank_of[ready[0]], phase, first_line(err)) from None
+        except ray.exceptions.RayTaskError:
+            _raise_peer_death(pending, rank_of, role, phase)
+            raise
+    return [results[rank] for rank in ranks]
+
+
+def _raise_peer_death(pending: list, rank_of: dict, role: str, phase: str) -> None:
+    """If another rank of the call died, that is the cause to report (the error at hand followed from it)."""
+    deadline = time.monotonic() + PEER_DEATH_GRACE_S
+    while pending and time.monotonic() < deadline:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError as err:
+                raise ActorDied(role, rank_of[ref], phase, first_line(err)) from None
+            except ray.exceptions.RayTaskError:
+                pass
+
+
+def first_line(err: Exception) -> str:
+    """The cause Ray reports (signal, OOM, exception text), without the stack."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    useful = [line for line in lines if any(k in line for k in ("SIGKILL", "OOM", "memory", "signal", "died",
+                                                                "Error", "exit"))]
+    return (useful or lines or [type(err).__name__])[0][:500]
+
+
+class ActorGroup:
+    """N actors of one role; `*_refs` methods return ObjectRefs, the others wait: within `timeout_s` (the
+    per-step deadline, None: none) and failing fast with `ActorDied` naming the rank that died."""
+
+    def __init__(self, actors: list, role: str = "actor", timeout_s: float | None = None):
+        self.actors, self.role, self.timeout_s = actors, role, timeout_s
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -25,13 +81,25 @@ class ActorGroup:
         return [getattr(actor, method).remote(*args, **kwargs) for actor in self.actors]
 
     def call(self, method: str, *args, **kwargs) -> list:
-        return ray.get(self.call_refs(method, *args, **kwargs))
+        return self.get(self.call_refs(method, *args, **kwargs), method)
 
     def call_sharded(self, method: str, shards: list, *args, **kwargs) -> list:
         """One shard per actor (shards of an empty list are skipped for the rollout side)."""
-        refs = [getattr(actor, method).remote(shard, *args, **kwargs)
-                for actor, shard in zip(self.actors, shards) if shard]
-        return ray.get(refs)
+        calls = [(rank, getattr(actor, method).remote(shard, *args, **kwargs))
+                 for rank, (actor, shard) in enumerate(zip(self.actors, shards)) if shard]
+        return get_all([ref for _, ref in calls], self.timeout_s, self.role, method, [rank for rank, _ in calls])
+
+    def get(self, refs: list, phase: str) -> list:
+        """Results of one call per actor (refs in rank order), within the group's deadline."""
+        return get_all(refs, self.timeout_s, self.role, phase)
+
+    def kill(self) -> None:
+        """End every actor now, those blocked in a collective with a dead peer included (they never return)."""
+        for actor in self.actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
 
 
 class SetupTimeout(TimeoutError):
@@ -107,7 +175,7 @@ def start_rollout_workers(cfg, model_path: str, engine_kwargs: dict[str, Any], o
     actors = [remote.remote(model_path, engine_kwargs, cfg.data.max_audio_seconds)
               for _ in range(cfg.rollout.num_workers)]
     return RolloutGroup(actors, cfg.rollout.max_restarts, cfg.cluster.setup_timeout_s,
-                        **({"on_restart": on_restart} if on_restart else {}))
+                        **({"on_restart": on_restart} if on_restart else {}), step_timeout_s=step_timeout_s(cfg))
 
 
 def start_learners(cfg, setup_kwargs: dict[str, Any]) -> ActorGroup:
@@ -124,7 +192,7 @@ def start_learners(cfg, setup_kwargs: dict[str, Any]) -> ActorGroup:
                 for rank, actor in enumerate(actors)], wait, f"setup of {len(actors)} DeepSpeed learners",
                "Check the learner actors' logs; a DeepSpeed CPU op build killed halfway leaves a lock under "
                "~/.cache/torch_extensions/*/deepspeed_shm_comm/ that blocks every later start: delete it.")
-    return ActorGroup(actors)
+    return ActorGroup(actors, "learner", step_timeout_s(cfg))
 
 
 def wait_rollout_ready(cfg, group: ActorGroup) -> list[float]:

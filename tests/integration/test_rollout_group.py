@@ -73,3 +73,68 @@ def test_a_worker_that_keeps_dying_stops_the_run_naming_it(ray_local, tmp_path):
     group, _ = make_group(ray_local, tmp_path, "1 2 3 4", max_restarts=2)
     with pytest.raises(RolloutWorkerLost, match=r"rollout worker 0 failed 3 times \(rollout.max_restarts=2\)"):
         group.sharded("generate", [["a"]])
+
+
+class StandInRank:
+    """A learner rank stand-in: `step` blocks forever (a collective waiting for a dead peer) or exits."""
+
+    def step(self, mode):
+        if mode == "exit":
+            os._exit(9)
+        import threading
+
+        threading.Event().wait()
+
+    def ready(self) -> float:
+        return 0.0
+
+
+def test_a_dead_rank_is_named_at_once_the_blocked_ones_killed_and_hangs_time_out(ray_local):
+    import time
+
+    from sari_ray.actors.errors import ActorDied, StepTimeout
+    from sari_ray.actors.wiring import ActorGroup
+
+    remote = ray_local.remote(StandInRank).options(num_cpus=0)
+    group = ActorGroup([remote.remote(), remote.remote()], "learner", timeout_s=600)
+    t0 = time.monotonic()
+    with pytest.raises(ActorDied, match=r"learner rank 1 died during step") as died:
+        group.call_sharded("step", ["block", "exit"])  # rank 0 blocks, rank 1 dies: no waiting for rank 0
+    assert died.value.rank == 1 and time.monotonic() - t0 < 60
+    group.kill()  # rank 0 was blocked in its call: killed anyway
+    with pytest.raises(ray_local.exceptions.RayActorError):
+        ray_local.get(group.actors[0].ready.remote(), timeout=60)
+
+    hung = ActorGroup([remote.remote()], "learner", timeout_s=2)
+    with pytest.raises(StepTimeout, match=r"learner rank\(s\) \[0\] did not finish step within 2 s "
+                                          r"\(cluster.step_timeout_s"):
+        hung.call_sharded("step", ["block"])
+    hung.kill()
+
+
+def test_a_rollout_call_past_its_deadline_names_the_worker_and_the_call(ray_local, tmp_path):
+    from sari_ray.actors.errors import StepTimeout
+    from sari_ray.actors.rollout_group import RolloutGroup
+
+    actor = ray_local.remote(StandInRank).options(num_cpus=0).remote()
+    group = RolloutGroup([actor], 0, 60, step_timeout_s=2)
+    with pytest.raises(StepTimeout, match=r"rollout worker 0 did not finish step within 2 s"):
+        group.sharded("step", [["block"]])
+    ray_local.kill(actor)
+
+
+def test_async_a_shard_sent_before_a_sync_is_reissued_on_the_weights_it_was_sent_under(ray_local, tmp_path):
+    """rollout.max_staleness=1: a step's rollouts are sent, then new weights; the worker dies during the rollouts.
+    The re-issued shard must run on the old weights (the same completions as without the fault), and the worker
+    must end on the new ones for what follows."""
+    from sari_ray.actors.rollout_group import RolloutGroup
+
+    (tmp_path / "die_on").write_text("1")
+    actor = ray_local.remote(FlakyWorker).options(max_restarts=2, max_task_retries=0, num_cpus=0).remote(str(tmp_path))
+    group = RolloutGroup([actor], 2, 120, keep_versions=2)
+    group.load_weights(["w7"], 7)
+    pending = group.submit_sharded("generate", [["a"]])  # sent under v7; the worker dies running it
+    group.load_weights(["w8"], 8, wait=False)  # the next sync, sent behind it
+    assert group.collect(pending) == [[{"sample_id": "a", "completions": [{"weight_version": 7}]}]]
+    assert group.restart_count == 1
+    assert group.sharded("generate", [["b"]]) == [[{"sample_id": "b", "completions": [{"weight_version": 8}]}]]

@@ -78,3 +78,17 @@ def test_throughput_is_per_wall_second_of_the_step_with_rollout_figures_apart():
     assert m["throughput/completions_per_s"] == 8.0 and m["throughput/tokens_per_s"] == 128.0
     assert m["rollout/completions_per_s"] == 32.0 and m["rollout/tokens_per_s"] == 512.0
     assert m["time/rollout_busy_frac"] == 0.25 and m["time/learner_busy_frac"] == pytest.approx(5.5 / 8)
+
+
+def test_step_deadline_is_derived_from_the_step_size_unless_set():
+    from sari_ray.config import step_timeout_s
+
+    demo = Path(__file__).resolve().parents[2] / "configs" / "demo_cpu.yaml"
+    large = ["grpo.prompts_per_step=64", "grpo.max_completion_length=1024", "rollout.max_model_len=4096"]
+    small = step_timeout_s(load_config(demo, ["grpo.prompts_per_step=4", "grpo.max_completion_length=24"]))
+    big = step_timeout_s(load_config(demo, large))
+    assert 600 <= small < big  # 10 min at least, more for a bigger step
+    spread = step_timeout_s(load_config(demo, large + ["rollout.num_workers=8", "learner.num_workers=8",
+                                                       "cluster.num_cpus=16"]))
+    assert 600 <= spread < big  # per actor: more workers, less each
+    assert step_timeout_s(load_config(demo, ["cluster.step_timeout_s=42"])) == 42.0
