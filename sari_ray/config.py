@@ -117,6 +117,8 @@ class LearnerConfig:
     gradient_clipping: float = 1.0
     weight_decay: float = 0.0
     sync_bucket_mb: float = 64.0  # weight sync: one call per bucket of this size
+    sync_backend: str = "object_store"  # object_store: buckets through Ray's object store, each worker loads when
+    # free; collective: one torch.distributed group (gloo / NCCL) with learner rank 0 broadcasting bucket by bucket
     gradient_checkpointing: bool = False
     train_audio_encoder: bool = True
 
@@ -212,6 +214,7 @@ CHOICES = {
     "sft.style": ("implicit", "free", "structured"),
     "curriculum.mode": ("curriculum", "shuffled", "hard_first"),
     "learner.zero_stage": (0, 1, 2, 3),
+    "learner.sync_backend": ("object_store", "collective"),
 }
 POSITIVE = ("rollout.num_workers", "learner.num_workers", "grpo.prompts_per_step", "grpo.num_generations",
             "grpo.max_completion_length", "grpo.num_iterations", "sft.batch_size", "curriculum.num_tiers",

@@ -195,6 +195,16 @@ def start_learners(cfg, setup_kwargs: dict[str, Any]) -> ActorGroup:
     return ActorGroup(actors, "learner", step_timeout_s(cfg))
 
 
+def start_weight_sync(cfg, learners: ActorGroup, rollout):
+    """Weights from learner rank 0 to the engines by `learner.sync_backend` (a collective group is formed here)."""
+    from sari_ray.actors.weight_sync import WeightSync
+
+    sync = WeightSync(learners, rollout, backend=cfg.learner.sync_backend,
+                      bucket_bytes=int(cfg.learner.sync_bucket_mb * 2**20), timeout_s=cfg.cluster.setup_timeout_s)
+    sync.setup()
+    return sync
+
+
 def wait_rollout_ready(cfg, group: ActorGroup) -> list[float]:
     """Engine start seconds per worker, within the setup deadline."""
     return get_within(group.call_refs("ready"), cfg.cluster.setup_timeout_s,

@@ -73,6 +73,7 @@ RULE_CASES = {
     "sft.style": ["sft.style=fancy"],
     "curriculum.mode": ["curriculum.mode=random"],
     "learner.zero_stage": ["learner.zero_stage=4"],
+    "learner.sync_backend": ["learner.sync_backend=nccl"],
     # POSITIVE: integers >= 1
     "rollout.num_workers": ["rollout.num_workers=0"],
     "learner.num_workers": ["learner.num_workers=0"],
