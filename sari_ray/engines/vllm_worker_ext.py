@@ -5,6 +5,55 @@ with a colliding name would shadow or be shadowed silently.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator
+
+_RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise",
+                   "vllm.model_executor.model_loader.reload.inplace")
+
+
+class _FrozenEncoderFilter(logging.Filter):
+    """A sync that leaves out the frozen audio encoder (`learner.train_audio_encoder: false`) makes vLLM warn once
+    per encoder layer it did not get (~200 lines per sync at 7B), naming only the layer class. While no encoder
+    tensor has arrived, drop those, and drop the encoder's names from the list of weights not loaded: any other
+    name there is still reported."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder_received = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.encoder_received:
+            return True
+        if "Failed to load weights" in str(record.msg):
+            return False
+        if "were not loaded" in str(record.msg) and record.args and isinstance(record.args[0], (set, frozenset)):
+            rest = {n for n in record.args[0] if "audio_tower." not in n}
+            if not rest:
+                return False
+            record.args = (rest,)
+        return True
+
+    def watch(self, tensors: Iterable[tuple[str, object]]) -> Iterator[tuple[str, object]]:
+        for name, tensor in tensors:
+            if "audio_tower." in name:
+                self.encoder_received = True
+            yield name, tensor
+
+
+@contextlib.contextmanager
+def _frozen_encoder_filter():
+    log_filter = _FrozenEncoderFilter()
+    loggers = [logging.getLogger(name) for name in _RELOAD_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(log_filter)
+    try:
+        yield log_filter
+    finally:
+        for logger in loggers:
+            logger.removeFilter(log_filter)
+
 
 class WeightSyncExtension:
     """Worker-side half of `VLLMEngine.load_weights` / `receive_weights` / `param_sums` (mixed into the worker).
@@ -42,7 +91,8 @@ class WeightSyncExtension:
 
         def run():
             try:
-                self.reload_weights(weights_iterator=tensors(), is_checkpoint_format=True)
+                with _frozen_encoder_filter() as log_filter:
+                    self.reload_weights(weights_iterator=log_filter.watch(tensors()), is_checkpoint_format=True)
                 stream["acks"].put(None)
             except BaseException as err:  # reported by the stream call waiting for it
                 stream["acks"].put(err)
@@ -118,7 +168,8 @@ class WeightSyncExtension:
                 count += 1
                 yield item
 
-        self.reload_weights(weights_iterator=tensors(), is_checkpoint_format=True)
+        with _frozen_encoder_filter() as log_filter:
+            self.reload_weights(weights_iterator=log_filter.watch(tensors()), is_checkpoint_format=True)
         return count
 
     def sari_param_sums(self) -> dict[str, float]:

@@ -142,3 +142,27 @@ def test_bench_sync_refuses_a_shape_that_does_not_fit(monkeypatch):
     monkeypatch.setattr(benchmarks, "available_memory_bytes", lambda: 4 * 2**30)
     with pytest.raises(MemoryError, match=r"--shape 7b: needs about 3\d\.\d GiB .* 4\.0 GiB are available"):
         benchmarks.sync_benchmark("7b")
+
+
+def test_warnings_about_a_left_out_frozen_encoder_are_dropped_and_only_those(caplog):
+    import logging
+
+    from sari_ray.engines.vllm_worker_ext import _frozen_encoder_filter
+
+    inplace = logging.getLogger("vllm.model_executor.model_loader.reload.inplace")
+    layerwise = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    with caplog.at_level(logging.WARNING), _frozen_encoder_filter() as log_filter:
+        assert list(log_filter.watch([("language_model.model.norm.weight", 0)])) == [
+            ("language_model.model.norm.weight", 0)]
+        layerwise.warning("%s: Failed to load weights", "Linear")
+        inplace.warning("Following weights were not loaded from checkpoint: %s", {"audio_tower.conv1.weight"})
+        inplace.warning("Following weights were not loaded from checkpoint: %s",
+                        {"audio_tower.conv1.weight", "language_model.lm_head.weight"})
+    assert [r.getMessage() for r in caplog.records] == [
+        "Following weights were not loaded from checkpoint: {'language_model.lm_head.weight'}"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), _frozen_encoder_filter() as log_filter:
+        list(log_filter.watch([("audio_tower.conv1.weight", 0)]))  # the encoder came: warnings are real ones
+        layerwise.warning("%s: Failed to load weights", "Linear")
+    assert [r.getMessage() for r in caplog.records] == ["Linear: Failed to load weights"]
+    assert not layerwise.filters and not inplace.filters  # removed after the reload

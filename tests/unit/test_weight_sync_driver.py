@@ -1,0 +1,144 @@
+"""The driver side of the weight sync (`actors.weight_sync.WeightSync`) with stand-in groups: which path each sync
+takes, what it asks the learner for (the frozen encoder only in the first sync), the collective group's ranks, its
+re-forming after a restart, and the object-store fallback when a broadcast fails."""
+from __future__ import annotations
+
+import pytest
+import ray
+
+from sari_ray.actors import rollout_group as rollout_group_lib
+from sari_ray.actors import weight_sync as weight_sync_lib
+from sari_ray.actors.weight_sync import WeightSync
+
+pytestmark = pytest.mark.unit
+
+
+class Method:
+    """`actor.method.remote(...)` runs at once and returns the value itself (the stand-in for a ref)."""
+
+    def __init__(self, fn):
+        self.remote = fn
+
+
+class FakeLearner:
+    def __init__(self, log, rank):
+        self.log, self.rank = log, rank
+        self.weight_sync_plan = Method(lambda bucket, frozen: log.append(("plan", frozen)) or [["layout"]] * 3)
+        self.open_weight_sync_store = Method(lambda world, timeout: log.append(("store", world)) or ("10.0.0.1", 4242))
+        self.join_weight_sync_group = Method(lambda host, port, world, timeout: log.append(("join", 0, port, world)))
+        self.broadcast_weights = Method(self._broadcast)
+
+    def _broadcast(self, plan, bucket, frozen):
+        self.log.append(("broadcast", self.rank, frozen))
+        if self.log.count("fail") and self.rank == 0:
+            return ray.exceptions.RayError("gloo: connection closed by peer")  # raised by the wait
+        return 300 if self.rank == 0 else 0
+
+
+class FakeLearners:
+    def __init__(self, log, n=2):
+        self.log, self.actors = log, [FakeLearner(log, r) for r in range(n)]
+
+    def call(self, method, *args):
+        assert method == "export_weight_bucket_refs"
+        self.log.append(("export", args[1]))
+        return [["ref1", "ref2"]] + [[] for _ in self.actors[1:]]
+
+    def call_refs(self, method, *args):
+        return [getattr(a, method).remote(*args) for a in self.actors]
+
+
+class FakeWorker:
+    def __init__(self, log, index, tp):
+        self.engine_ranks = Method(lambda: tp)
+        self.join_weight_sync_group = Method(
+            lambda host, port, world, off, timeout: log.append(("join", off, port, world)))
+        self.receive_weights = Method(lambda plan, version: log.append(("receive", index, version)) or {"bytes": 300})
+        self.load_weights = Method(lambda refs, version: log.append(("load", index, tuple(refs), version)))
+
+
+class FakeRollout:
+    def __init__(self, log, tps):
+        self.log, self.actors, self.sync_group_stale = log, [FakeWorker(log, i, tp) for i, tp in enumerate(tps)], False
+        self.last_loads = []
+
+    def load_weights(self, refs, version, wait=True):
+        self.log.append(("group_load", tuple(refs), version, wait))
+        self.last_loads = [{"bytes": 123}] if wait else []
+
+    def receive_weights_refs(self, plan, version):
+        return [a.receive_weights.remote(plan, version) for a in self.actors]
+
+
+@pytest.fixture(autouse=True)
+def no_ray(monkeypatch):
+    def get_within(refs, seconds, what, hint=""):
+        if isinstance(refs, list) and any(isinstance(r, Exception) for r in refs):
+            raise next(r for r in refs if isinstance(r, Exception))
+        return refs
+
+    monkeypatch.setattr(weight_sync_lib, "get_within", get_within)
+    monkeypatch.setattr(weight_sync_lib.ray, "get", lambda refs, **_: refs)
+
+
+def make(backend, tps=(1,)):
+    log = []
+    learners, rollout = FakeLearners(log), FakeRollout(log, list(tps))
+    sync = WeightSync(learners, rollout, backend=backend, bucket_bytes=64, timeout_s=5)
+    sync.setup()
+    return sync, rollout, log
+
+
+def test_object_store_ships_the_frozen_encoder_in_the_first_sync_only():
+    sync, _, log = make("object_store")
+    first = sync.sync(1)
+    second = sync.sync(2, wait=False)
+    assert log == [("export", True), ("group_load", ("ref1", "ref2"), 1, True),
+                   ("export", False), ("group_load", ("ref1", "ref2"), 2, False)]
+    assert first["bytes"] == 123 and first["buckets"] == 2 and second["bytes"] != second["bytes"]  # nan: not waited
+
+
+def test_collective_group_spans_learner_rank_0_and_every_engine_rank():
+    _, _, log = make("collective", tps=(2, 1, 3))
+    world = 1 + 2 + 1 + 3
+    assert log[0] == ("store", world)
+    assert sorted(e for e in log if e[0] == "join") == [("join", off, 4242, world) for off in (0, 1, 3, 4)]
+
+
+def test_collective_sync_broadcasts_from_every_learner_rank_and_reforms_after_a_restart():
+    sync, rollout, log = make("collective", tps=(1, 1))
+    log.clear()
+    result = sync.sync(1)
+    assert log == [("plan", True), ("broadcast", 0, True), ("broadcast", 1, True), ("receive", 0, 1), ("receive", 1, 1)]
+    assert result["bytes"] == 300 and result["buckets"] == 3
+    rollout.sync_group_stale = True  # a worker restarted: it is outside the group
+    log.clear()
+    sync.sync(2)
+    assert log[0][0] == "store" and ("plan", False) in log and not rollout.sync_group_stale
+
+
+def test_a_failed_broadcast_is_redone_through_the_object_store():
+    sync, rollout, log = make("collective")
+    log.append("fail")
+    result = sync.sync(5)
+    assert ("export", True) in log and ("group_load", ("ref1", "ref2"), 5, True) in log
+    assert rollout.sync_group_stale and sync.fallbacks == 1 and result["bytes"] == 123
+
+
+def test_unknown_backend_names_the_valid_ones():
+    with pytest.raises(ValueError, match=r"learner.sync_backend must be one of \['object_store', 'collective'\]"):
+        WeightSync(FakeLearners([]), FakeRollout([], [1]), backend="nccl", bucket_bytes=1, timeout_s=1)
+
+
+def test_a_restarted_worker_after_a_collective_sync_gets_a_fresh_export(monkeypatch):
+    monkeypatch.setattr(rollout_group_lib.ray, "get", lambda refs, **_: refs)
+    log = []
+    group = rollout_group_lib.RolloutGroup([FakeWorker(log, 0, 1)], max_restarts=1, ready_timeout_s=1)
+    group.export_refs = lambda: log.append("export") or ["fresh"]
+    group.weights = (None, 7)  # the last sync was a broadcast: no buckets kept
+    group._resync(0)
+    assert log == ["export", ("load", 0, ("fresh",), 7)] and group.sync_group_stale
+    log.clear()
+    group.weights, group.sync_group_stale = (["kept"], 8), False
+    group._resync(0)
+    assert log == [("load", 0, ("kept",), 8)] and not group.sync_group_stale
