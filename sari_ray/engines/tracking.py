@@ -164,8 +164,9 @@ class Tracker:
             self._queue.popleft()
             sent += 1
         if self._outage_since is not None:
-            self._warn(f"MLflow at {self.tracking_uri} reachable again after {self._clock() - self._outage_since:.0f} s; "
-                       f"queued entries sent in order")
+            down_s = self._clock() - self._outage_since
+            self._warn(f"MLflow at {self.tracking_uri} reachable again after {down_s:.0f} s; "
+                       "queued entries sent in order")
             self._outage_since, self._failures = None, 0
         if self._spilled or self.pending_path.exists():
             self.pending_path.unlink(missing_ok=True)
@@ -176,8 +177,8 @@ class Tracker:
         if self._outage_since is None:
             self._outage_since = now
             self._warn(f"MLflow at {self.tracking_uri} unreachable ({type(err).__name__}: {str(err)[:200]}); the run "
-                       f"goes on, metrics, params and artifacts are queued and sent in order when it is back "
-                       f"(after {self.max_outage_s:.0f} s, tracking.max_outage_s, they are kept in {self.pending_path})")
+                       f"goes on, metrics, params and artifacts are queued and sent in order when it is back (after "
+                       f"{self.max_outage_s:.0f} s, tracking.max_outage_s, they are kept in {self.pending_path})")
         self._failures += 1
         self._next_try = now + backoff_seconds(self._failures)
         if self._spilled and sent:
@@ -324,5 +325,6 @@ if __name__ == "__main__":
         sys.exit("usage: python -m sari_ray.engines.tracking PENDING_FILE [TRACKING_URI (default: MLFLOW_TRACKING_URI, "
                  "else the run directory's sqlite store)]")
     pending = Path(sys.argv[1])
-    uri = sys.argv[2] if len(sys.argv) == 3 else os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(pending.parent)
+    uri = (sys.argv[2] if len(sys.argv) == 3
+           else os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(pending.parent))
     print(f"sent {send_pending(pending, uri)} entries to {uri}")
