@@ -21,10 +21,12 @@ from omegaconf import OmegaConf
 from sari_ray import checkpoints
 from sari_ray import metrics as metrics_lib
 from sari_ray.console import make_console, print_summary, progress_bar, progress_line
-from sari_ray.config import ConfigError, actor_resources, grpo_settings, load_config, to_flat_dict
+from sari_ray.config import (ConfigError, actor_resources, grpo_settings, load_config, step_timeout_s,
+                             to_flat_dict)
 from sari_ray.data.prepare import prepare_data
 from sari_ray.batching import split_evenly
 from sari_ray.data.schema import AudioMCQ
+from sari_ray.actors.errors import ActorDied
 
 CHECKPOINTS = checkpoints.CHECKPOINTS
 
@@ -32,6 +34,7 @@ CHECKPOINTS = checkpoints.CHECKPOINTS
 class Trainer:
     def __init__(self, cfg, stop: "StopOnSignal | None" = None):
         self.cfg = cfg
+        self.step_timeout_s = step_timeout_s(cfg)  # every per-step remote call's deadline
         self.stop = stop or StopOnSignal()  # run_training listens for SIGINT / SIGTERM; the loop checks it
         self.out = Path(cfg.run.output_dir).resolve()
         self.out.mkdir(parents=True, exist_ok=True)
@@ -49,7 +52,7 @@ class Trainer:
         if cfg.run.resume and checkpoint is None:
             self.console.print(f"[yellow]run.resume=true but no checkpoint in {self.out / CHECKPOINTS}; starting fresh")
         if checkpoint is not None:
-            self.state = json.loads((checkpoint / checkpoints.STATE_FILE).read_text())
+            self.state = self._state_at(checkpoint)
         if not cfg.run.resume and (self.out / CHECKPOINTS).exists() and any((self.out / CHECKPOINTS).iterdir()):
             raise ConfigError(f"{self.out} already holds checkpoints; set run.resume=true to continue it "
                               f"or choose another run.output_dir / run.name")
@@ -81,12 +84,16 @@ class Trainer:
 
         cfg = self.cfg
         if not ray.is_initialized():
-            ray.init(**ray_init_kwargs(cfg))
+            init_kwargs = ray_init_kwargs(cfg)
+            if init_kwargs["address"] == "local":  # its processes die with this driver, SIGKILL included
+                from sari_ray.deploy.local_ray import start_local_cluster
+
+                self.reaper = start_local_cluster(init_kwargs)
+            else:
+                ray.init(**init_kwargs)
         wiring.wait_for_resources(cfg)
         with self.phase("startup"):
             self.curriculum = wiring.start_curriculum(cfg, {s.id: s.tier or 0 for s in self.train_set})
-            if self.state["curriculum"] is not None:
-                ray.get(self.curriculum.load_state_dict.remote(self.state["curriculum"]))
             self.reward = wiring.start_reward_scorer(cfg)
             engine_kwargs = dict(seed=cfg.run.seed, max_model_len=cfg.rollout.max_model_len, dtype=cfg.model.dtype,
                                  tensor_parallel_size=cfg.rollout.tensor_parallel_size,
@@ -99,20 +106,81 @@ class Trainer:
                                  kv_cache_sequences=-(-cfg.grpo.prompts_per_step * cfg.grpo.num_generations
                                                       // cfg.rollout.num_workers))
             self.rollout = wiring.start_rollout_workers(cfg, self.model_path, engine_kwargs, self._rollout_restarted)
-            self.learners = wiring.start_learners(cfg, dict(
-                model_path=self.model_path, zero_stage=cfg.learner.zero_stage, dtype=cfg.model.dtype,
-                micro_batch_size=cfg.learner.micro_batch_size, gradient_clipping=cfg.learner.gradient_clipping,
-                weight_decay=cfg.learner.weight_decay, grpo_settings=grpo_settings(cfg),
-                temperature=cfg.rollout.temperature, seed=cfg.run.seed, device=cfg.run.device,
-                torch_threads=cfg.cluster.torch_threads_per_actor, train_audio_encoder=cfg.learner.train_audio_encoder,
-                gradient_checkpointing=cfg.learner.gradient_checkpointing, max_audio_seconds=cfg.data.max_audio_seconds,
-                reference_path=self.state.get("reference_model")))
+            self.learners = wiring.start_learners(cfg, self._learner_setup_kwargs())
             start_s = wiring.wait_rollout_ready(cfg, self.rollout)
             if checkpoint is not None:
-                self.learners.call("load_checkpoint", str(checkpoint))
-                self.sync_weights()  # engines restart from the base model: give them the checkpoint's weights
+                self._restore(checkpoint)
         self.console.print(f"actors up: {len(self.rollout)} rollout, {len(self.learners)} learner "
                            f"(engine start {max(start_s):.0f} s)")
+
+    def _learner_setup_kwargs(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return dict(model_path=self.model_path, zero_stage=cfg.learner.zero_stage, dtype=cfg.model.dtype,
+                    micro_batch_size=cfg.learner.micro_batch_size, gradient_clipping=cfg.learner.gradient_clipping,
+                    weight_decay=cfg.learner.weight_decay, grpo_settings=grpo_settings(cfg),
+                    temperature=cfg.rollout.temperature, seed=cfg.run.seed, device=cfg.run.device,
+                    torch_threads=cfg.cluster.torch_threads_per_actor,
+                    train_audio_encoder=cfg.learner.train_audio_encoder,
+                    gradient_checkpointing=cfg.learner.gradient_checkpointing,
+                    max_audio_seconds=cfg.data.max_audio_seconds, reference_path=self.state.get("reference_model"))
+
+    def _state_at(self, checkpoint: Path | None) -> dict[str, Any]:
+        """The trainer state a checkpoint holds (the initial state without one)."""
+        if checkpoint is None:
+            return self._initial_state()
+        return json.loads((checkpoint / checkpoints.STATE_FILE).read_text())
+
+    def _restore(self, checkpoint: Path) -> None:
+        """Actors back to `checkpoint` (self.state already holds its state): curriculum and data cursor, learner
+        and optimizer (the reference model came with the learners' setup), the engines' weights. What
+        run.resume=true does at startup and a learner restart mid-run."""
+        import ray
+
+        if self.state["curriculum"] is not None:
+            ray.get(self.curriculum.load_state_dict.remote(self.state["curriculum"]))
+        self.learners.call("load_checkpoint", str(checkpoint))
+        self.sync_weights()  # engines restart from the base model: give them the checkpoint's weights
+
+    def _restart_learners_from_checkpoint(self, err: Exception) -> None:
+        """A learner rank died (`ActorDied`, role learner): a DeepSpeed group cannot lose a rank, so every
+        rank is killed (those blocked in a collective with it too), a new group starts, and the run goes back to
+        the last complete checkpoint exactly as run.resume=true would (`_restore`), at most run.max_restarts
+        times. The steps after the checkpoint are trained and logged again
+        (same MLflow run; readers take a step's last value). Other actors' deaths are re-raised."""
+        from sari_ray.actors import wiring
+
+        if not (isinstance(err, ActorDied) and err.role == "learner"):
+            raise err
+        cfg, t0 = self.cfg, time.monotonic()
+        faults = {**self.state.get("faults", {})}
+        faults["learner_restarts"] = faults.get("learner_restarts", 0) + 1
+        if faults["learner_restarts"] > cfg.run.max_restarts:
+            raise LearnerGroupLost(f"{err}; the learner group was already restarted {cfg.run.max_restarts} time(s) "
+                                   f"(run.max_restarts={cfg.run.max_restarts}): stopping. The last complete checkpoint "
+                                   f"stays; resume with run.resume=true") from err
+        checkpoint = checkpoints.latest_checkpoint(self.out)
+        failed_at = self.state["step"] if self.state["phase"] == "grpo" else self.state["sft_step"]
+        self.console.print(f"[yellow]{err}; restarting the learner group from "
+                           f"{checkpoint.name if checkpoint else 'the start (no checkpoint yet)'} "
+                           f"(restart {faults['learner_restarts']} of at most {cfg.run.max_restarts})", soft_wrap=True)
+        self.learners.kill()
+        kept = {k: self.state[k] for k in ("mlflow_run_id", "tracking_uri") if k in self.state}
+        self.state = {**self._state_at(checkpoint), **kept, "faults": faults}
+        self.learners = wiring.start_learners(cfg, self._learner_setup_kwargs())
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        else:  # nothing saved yet: the base model, a fresh curriculum (GRPO without SFT starts in GRPO)
+            import ray
+
+            ray.kill(self.curriculum)
+            self.curriculum = wiring.start_curriculum(cfg, {s.id: s.tier or 0 for s in self.train_set})
+            self.state["phase"] = "sft" if cfg.sft.steps > 0 else "grpo"
+            self.sync_weights()
+        self.tracker.log_metrics({"faults/learner_restarts": faults["learner_restarts"]}, failed_at)
+        where = f"GRPO step {self.state['step'] + 1}" if self.state["phase"] == "grpo" else \
+            f"SFT step {self.state['sft_step'] + 1}"
+        self.console.print(f"learner group back after {time.monotonic() - t0:.0f} s; continuing at {where}",
+                           soft_wrap=True)
 
     def _rollout_restarted(self, index: int, cause: str, seconds: float) -> None:
         faults = self.state.setdefault("faults", {})
@@ -123,23 +191,47 @@ class Trainer:
     @contextmanager
     def phase(self, name: str):
         t0 = time.perf_counter()
+        self.current_phase = name  # named by a deadline's error
         yield
         self.timings[f"time/{name}"] = time.perf_counter() - t0
+
+    def _get(self, ref):
+        """ray.get of a curriculum scheduler / reward scorer call, within the per-step deadline."""
+        import ray
+
+        from sari_ray.actors.errors import StepTimeout
+
+        try:
+            return ray.get(ref, timeout=self.step_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise StepTimeout(f"the curriculum scheduler / reward scorer did not answer within "
+                              f"{self.step_timeout_s:.0f} s "
+                              f"(phase {getattr(self, 'current_phase', '?')} of GRPO step {self.state['step']}; "
+                              f"cluster.step_timeout_s). The last complete checkpoint stays; resume with "
+                              f"run.resume=true") from None
 
     # ------------------------------------------------------------------ training
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
         t_start = time.perf_counter()
-        if self.state["phase"] == "sft":
-            self.sft()
+        while self.state["phase"] == "sft":
+            try:
+                self.sft()
+            except ActorDied as err:  # a learner: back to the last checkpoint (others re-raised)
+                self._restart_learners_from_checkpoint(err)
         with progress_bar(self.console) as progress:
             task = progress.add_task("grpo", total=cfg.grpo.steps, completed=self.state["step"])
             while self.state["step"] < cfg.grpo.steps:
                 self.state["step"] += 1
-                step_metrics = self.grpo_step(self.state["step"])
+                try:
+                    step_metrics = self.grpo_step(self.state["step"])
+                    if self.state["step"] % cfg.checkpoint.every == 0 or self.state["step"] == cfg.grpo.steps:
+                        self.save_checkpoint()
+                except ActorDied as err:  # a learner: back to the last checkpoint, its steps replayed
+                    self._restart_learners_from_checkpoint(err)
+                    progress.update(task, completed=self.state["step"])
+                    continue
                 progress.update(task, advance=1, description=progress_line(self.state["step"], step_metrics))
-                if self.state["step"] % cfg.checkpoint.every == 0 or self.state["step"] == cfg.grpo.steps:
-                    self.save_checkpoint()
                 self._stop_if_asked()
         summary = self.finish(time.perf_counter() - t_start)
         return summary
@@ -198,7 +290,7 @@ class Trainer:
         self.timings = {}  # this step's phases only
         t_step = time.perf_counter()
         with self.phase("sample"):
-            batch = _get(self.curriculum.next_batch.remote())
+            batch = self._get(self.curriculum.next_batch.remote())
             samples = [self.by_id[i] for i in batch.ids]
         self.state["grpo_tiers"] = sorted(set(self.state.get("grpo_tiers", [])) | {s.tier or 0 for s in samples})
         with self.phase("rollout"):
@@ -210,10 +302,10 @@ class Trainer:
                                f"only {self.state['weight_version']} (a rollout worker missed a weight sync)")
         expanded = [s for s in samples for _ in range(cfg.grpo.num_generations)]
         with self.phase("reward"):
-            scores = _get(self.reward.score.remote([c["text"] for c in completions], [s.to_dict() for s in expanded]))
+            scores = self._get(self.reward.score.remote([c["text"] for c in completions], [s.to_dict() for s in expanded]))
         with self.phase("curriculum"):
             per_sample = metrics_lib.per_sample_accuracy([s.id for s in expanded], scores)
-            promotion = _get(self.curriculum.update.remote(step, per_sample))
+            promotion = self._get(self.curriculum.update.remote(step, per_sample))
         with self.phase("learn"):
             records = self.training_records(rollouts, scores)
             learn = metrics_lib.mean_over_ranks(self.learners.call_sharded(
@@ -225,7 +317,7 @@ class Trainer:
                                         [s.tier or 0 for s in expanded])
         m.update(metrics_lib.group_signal([sc["reward"] for sc in scores], cfg.grpo.num_generations))
         m.update(learn)
-        m.update(_get(self.curriculum.metrics.remote()))
+        m.update(self._get(self.curriculum.metrics.remote()))
         m.update(self.timings)
         m.update(metrics_lib.throughput(len(completions), sum(len(c["token_ids"]) for c in completions),
                                         time.perf_counter() - t_step, self.timings))
@@ -367,15 +459,25 @@ class Trainer:
         return summary
 
     def shutdown(self) -> None:
+        """Engines first (vLLM's own processes), then Ray. Engines that do not stop within 2 min (after a hang, say)
+        are left to ray.shutdown, which ends their actors; a warning says so instead of hiding the run's error."""
         import ray
 
+        from sari_ray.actors.wiring import get_all
+
         try:
-            self.rollout.call("shutdown")
+            get_all(self.rollout.call_refs("shutdown"), 120.0, "rollout worker", "shutdown")
+        except Exception as err:  # noqa: BLE001 - the run's own error, if any, is the one to report
+            print(f"warning: rollout engines did not shut down cleanly ({err}); stopping Ray", file=sys.stderr)
         finally:
             ray.shutdown()
 
 
 # ---------------------------------------------------------------------- helpers
+class LearnerGroupLost(RuntimeError):
+    """Learners died more often than run.max_restarts allows; the message names the rank and the cause."""
+
+
 class Interrupted(Exception):
     """The run stopped on SIGINT / SIGTERM after checkpointing; the message says how to resume."""
 
@@ -460,12 +562,6 @@ def reward_trend_by_tier(curve: list[list]) -> list[dict[str, Any]]:
 
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
-
-
-def _get(ref):
-    import ray
-
-    return ray.get(ref)
 
 
 def run_training(configs: list[str], overrides: list[str]) -> dict[str, Any]:

@@ -1,54 +1,79 @@
-"""Real faults, not simulated ones: `kill -9` of a rollout worker's process during GRPO (2 workers). Ray restarts
-it, the driver gives it the current weights and re-issues its prompts, and the run ends with every step's batch
-and the final weights of an uninterrupted run."""
+"""Real faults, not simulated ones, in one run (2 rollout workers): `kill -9` of a rollout worker's process during
+GRPO (Ray restarts it, the driver gives it the current weights and re-issues its prompts), then later `kill -9` of
+a learner's process (the driver kills the whole learner group, starts a new one and goes on from the last
+complete checkpoint, as run.resume=true would). The run ends on its own with every step's batch and the final
+weights of an uninterrupted run, every step in MLflow, and no process of it left behind."""
 from __future__ import annotations
 
+import json
 import signal
 import time
 
 import psutil
 import pytest
 
-from tests.integration.conftest import REPO
-from tests.integration.test_interrupts import assert_same_as_uninterrupted, log_text, start, wait_for
+from tests.integration.test_interrupts import (assert_none_left, assert_same_as_uninterrupted, log_text,
+                                               run_processes, start, wait_for)
 
 pytestmark = pytest.mark.integration
 
 
-def rollout_workers(driver_pid: int) -> list[psutil.Process]:
+def actor_processes(driver_pid: int, actor: str) -> list[psutil.Process]:
     procs = []
     for p in psutil.Process(driver_pid).children(recursive=True):
         try:
-            if p.cmdline() and p.cmdline()[0].startswith("ray::RolloutWorker"):
+            if p.cmdline() and p.cmdline()[0].startswith(f"ray::{actor}"):
                 procs.append(p)
         except psutil.Error:
             pass
     return procs
 
 
-def test_kill_9_of_a_rollout_worker_during_grpo(short_training_run, tmp_path, tiny_qwen2_audio, synth_data):
+def test_kill_9_of_a_rollout_worker_then_of_a_learner_during_grpo(short_training_run, tmp_path, tiny_qwen2_audio,
+                                                                   synth_data):
     from mlflow.tracking import MlflowClient
 
     out = tmp_path / "run"
     batches = out / "batches.jsonl"
+
+    def grpo_batches(n):
+        return lambda: batches.exists() and batches.read_text().count("\n") >= n
+
     proc = start(out, tiny_qwen2_audio, synth_data, "rollout.num_workers=2", "cluster.num_cpus=5")
-    wait_for(lambda: batches.exists() and batches.read_text().count("\n") >= 1, proc)
-    workers = rollout_workers(proc.pid)
+    wait_for(grpo_batches(1), proc)
+    workers = actor_processes(proc.pid, "RolloutWorker")
     assert len(workers) == 2, [w.cmdline()[0] for w in workers]
-    victim = workers[-1]
-    victim.send_signal(signal.SIGKILL)
+    workers[-1].send_signal(signal.SIGKILL)
+
+    # after step 3 (checkpoints at steps 0 and 2): the learners die in step 4, which goes back to step 2
+    wait_for(grpo_batches(3), proc)
+    learners = actor_processes(proc.pid, "LearnerActor")
+    assert len(learners) == 2, [p.cmdline()[0] for p in learners]
+    procs = run_processes(proc.pid)
+    learners[-1].send_signal(signal.SIGKILL)
     t_kill = time.monotonic()
+    wait_for(lambda: "learner group back" in log_text(out), proc)
+    back_s = time.monotonic() - t_kill
+    procs += run_processes(proc.pid)  # the new learners
     proc.wait(900)
     text = log_text(out)
     assert proc.returncode == 0, text[-3000:]
     assert "restarted by Ray and back with weights" in text
-    print(next(line for line in text.splitlines() if "back with weights" in line))  # the time to recover
-    assert_same_as_uninterrupted(out, short_training_run["output_dir"])
-    import json
+    lines = [line for line in text.splitlines() if "back with weights" in line or "learner" in line and "rank" in line
+             or "learner group back" in line]
+    print("\n".join(lines))  # the rollout worker's and the learners' recovery, with times
+    assert "restarting the learner group from step_000002 (restart 1 of at most 3)" in text, lines
+    print(f"learner kill -> run going on again: {back_s:.0f} s")
 
+    assert_same_as_uninterrupted(out, short_training_run["output_dir"])
     summary = json.loads((out / "summary.json").read_text())
-    history = MlflowClient(summary["tracking_uri"]).get_metric_history(summary["mlflow_run_id"], "faults/rollout_restarts")
-    assert max(m.value for m in history) >= 1
-    assert sorted({m.step for m in MlflowClient(summary["tracking_uri"]).get_metric_history(
-        summary["mlflow_run_id"], "reward/mean")}) == [1, 2, 3, 4]
-    print(f"run finished {time.monotonic() - t_kill:.0f} s after the kill")
+    client = MlflowClient(summary["tracking_uri"])
+
+    def history(key):
+        return client.get_metric_history(summary["mlflow_run_id"], key)
+
+    assert max(m.value for m in history("faults/rollout_restarts")) >= 1
+    assert [m.value for m in history("faults/learner_restarts")] == [1]
+    reward_steps = [m.step for m in history("reward/mean")]
+    assert sorted(set(reward_steps)) == [1, 2, 3, 4] and reward_steps.count(3) == 2  # step 3 replayed, logged again
+    assert_none_left(proc.pid, procs)

@@ -1,6 +1,8 @@
 """SIGINT the driver (what Ctrl-C, `ray job stop` and a pod eviction send, SIGTERM alike) during SFT and during
 GRPO: it finishes the step in flight, writes a checkpoint, shuts down and exits 130 naming the resume setting;
-`run.resume=true` then serves every step's batch and ends with the same weights as the uninterrupted run."""
+`run.resume=true` then serves every step's batch and ends with the same weights as the uninterrupted run. The
+GRPO case also SIGKILLs the resumed driver: no process of its run outlives it by 30 s, and a second resume
+still ends as the uninterrupted run."""
 from __future__ import annotations
 
 import json
@@ -39,19 +41,72 @@ def log_text(out: Path) -> str:
     return "\n".join(p.read_text() for p in sorted(out.parent.glob(out.name + "-*.log")))
 
 
-def run_interrupted_then_resumed(out: Path, model: Path, data: Path, when) -> dict:
+def run_processes(driver_pid: int) -> list:
+    """The driver's descendants now, and every process marked as part of its local cluster."""
+    import psutil
+
+    from sari_ray.deploy.local_ray import marked_processes
+
+    procs = {p.pid: p for p in psutil.Process(driver_pid).children(recursive=True)}
+    for pid in marked_processes(driver_pid):
+        try:
+            procs.setdefault(pid, psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    return list(procs.values())
+
+
+def assert_none_left(driver_pid: int, procs: list, seconds: float = 30.0) -> float:
+    """Every process of the run (`procs`, seen while it ran, and any marked as its cluster's) is gone within
+    `seconds` of the driver's exit; returns how long that took."""
+    import psutil
+
+    from sari_ray.deploy.local_ray import marked_processes
+
+    t0 = time.monotonic()
+    while True:
+        alive = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        alive += [psutil.Process(pid) for pid in marked_processes(driver_pid) if pid not in {p.pid for p in alive}]
+        if not alive:
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > seconds:
+            names = []
+            for p in alive:
+                try:
+                    names.append(f"{p.pid} {p.name()}")
+                except psutil.Error:
+                    pass
+            raise AssertionError(f"{len(alive)} process(es) of the run alive {seconds:.0f} s after the driver "
+                                 f"exited: {names}")
+        time.sleep(0.2)
+
+
+def run_interrupted_then_resumed(out: Path, model: Path, data: Path, when, kill_resumed_when=None) -> dict:
+    """SIGINT at `when`; then resume. With `kill_resumed_when`: SIGKILL the resumed driver then, check nothing of
+    its run is left after 30 s, and resume once more."""
     proc = start(out, model, data)
     wait_for(lambda: when(out), proc)
     os.kill(proc.pid, signal.SIGINT)
+    procs = run_processes(proc.pid)
     proc.wait(600)
     text = log_text(out)
     assert proc.returncode == 130, text[-3000:]
     assert "interrupted (SIGINT) at" in text and "Resume with run.resume=true" in text
     interrupted_at = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert_none_left(proc.pid, procs)
+    result = {"checkpoints_at_interrupt": interrupted_at}
+    if kill_resumed_when is not None:
+        killed = start(out, model, data, "run.resume=true")
+        wait_for(lambda: kill_resumed_when(out), killed)
+        procs = run_processes(killed.pid)
+        assert len(procs) >= 5, [p.name() for p in procs]  # Ray's, the engine's and the learners' processes
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(60)
+        result["seconds_to_no_process"] = assert_none_left(killed.pid, procs)
     resumed = start(out, model, data, "run.resume=true")
     resumed.wait(900)
     assert resumed.returncode == 0, log_text(out)[-3000:]
-    return {"checkpoints_at_interrupt": interrupted_at, "log": log_text(out)}
+    return {**result, "log": log_text(out)}
 
 
 def assert_same_as_uninterrupted(out: Path, reference: Path) -> None:
@@ -85,8 +140,14 @@ def test_sigint_during_sft_then_resume(short_training_run, tmp_path, tiny_qwen2_
 def test_sigint_during_grpo_then_resume(short_training_run, tmp_path, tiny_qwen2_audio, synth_data):
     out = tmp_path / "run"
     batches = out / "batches.jsonl"
-    result = run_interrupted_then_resumed(out, tiny_qwen2_audio, synth_data,
-                                          lambda o: batches.exists() and batches.read_text().count("\n") >= 1)
+    def grpo_batches(n):
+        return lambda o: batches.exists() and batches.read_text().count("\n") >= n
+
+    # SIGINT after GRPO step 1; the resumed driver is SIGKILLed after its first step (mid-run, no checkpoint of
+    # its own yet, a step in flight); the second resume goes on from the last complete checkpoint
+    result = run_interrupted_then_resumed(out, tiny_qwen2_audio, synth_data, grpo_batches(1),
+                                          kill_resumed_when=grpo_batches(2))
     stopped = result["checkpoints_at_interrupt"][-1]
     assert stopped.startswith("step_") and stopped != "step_000004", result["checkpoints_at_interrupt"]
+    print(f"no process of the SIGKILLed run left {result['seconds_to_no_process']:.1f} s after the kill")
     assert_same_as_uninterrupted(out, short_training_run["output_dir"])

@@ -42,3 +42,39 @@ def test_a_named_cluster_is_attached_to_unchanged(ray_constants, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
     assert ray_init_kwargs(load_config(DEMO)) == {"address": "http://127.0.0.1:8265", "log_to_driver": True}
     assert ray_constants.ENABLE_RAY_CLUSTER is True  # attaching changes nothing in Ray
+
+
+def test_the_reaper_kills_the_clusters_processes_once_the_driver_is_gone(tmp_path):
+    """A stand-in driver marks a child as its cluster's, starts the reaper and exits (as SIGKILL would leave
+    it: nothing cleaned up); the reaper kills the marked child, and an unmarked one lives on."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from sari_ray.deploy import local_ray
+
+    driver = f"""
+import os, subprocess, sys
+from sari_ray.deploy.local_ray import CLUSTER_MARK
+quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+marked = subprocess.Popen(["sleep", "300"], env={{**os.environ, CLUSTER_MARK: str(os.getpid())}}, **quiet)
+plain = subprocess.Popen(["sleep", "300"], **quiet)
+reaper = subprocess.Popen([sys.executable, "-m", "sari_ray.deploy.local_ray", "reap", str(os.getpid())],
+                          start_new_session=True, **quiet)
+print(marked.pid, plain.pid, reaper.pid, os.getpid(), flush=True)
+"""
+    out = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, timeout=60, check=True)
+    marked, plain, reaper, driver_pid = map(int, out.stdout.split())
+    try:
+        deadline = time.monotonic() + 30
+        while local_ray.marked_processes(driver_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert local_ray.marked_processes(driver_pid) == []
+        assert os.path.exists(f"/proc/{plain}")  # not the cluster's: left alone
+    finally:
+        for pid in (marked, plain, reaper):
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
