@@ -108,6 +108,7 @@ class Trainer:
             self.rollout = wiring.start_rollout_workers(cfg, self.model_path, engine_kwargs, self._rollout_restarted)
             self.learners = wiring.start_learners(cfg, self._learner_setup_kwargs())
             start_s = wiring.wait_rollout_ready(cfg, self.rollout)
+            self.weight_sync = wiring.start_weight_sync(cfg, self.learners, self.rollout)
             if checkpoint is not None:
                 self._restore(checkpoint)
         self.console.print(f"actors up: {len(self.rollout)} rollout, {len(self.learners)} learner "
@@ -167,6 +168,7 @@ class Trainer:
         kept = {k: self.state[k] for k in ("mlflow_run_id", "tracking_uri") if k in self.state}
         self.state = {**self._state_at(checkpoint), **kept, "faults": faults}
         self.learners = wiring.start_learners(cfg, self._learner_setup_kwargs())
+        self.weight_sync = wiring.start_weight_sync(cfg, self.learners, self.rollout)
         if checkpoint is not None:
             self._restore(checkpoint)
         else:  # nothing saved yet: the base model, a fresh curriculum (GRPO without SFT starts in GRPO)
@@ -385,14 +387,10 @@ class Trainer:
         return split_evenly(rows, n)
 
     def sync_weights(self) -> dict[str, float]:
-        """Learner ranks gather (ZeRO-3) -> rank 0 puts buckets in the object store -> every rollout worker
-        reloads in place."""
-        t0 = time.perf_counter()
-        bucket = int(self.cfg.learner.sync_bucket_mb * 2**20)
-        refs = self.learners.call("export_weight_bucket_refs", bucket)[0]  # every rank gathers; rank 0 ships
-        self.state["weight_version"] += 1
-        results = self.rollout.load_weights(refs, self.state["weight_version"])
-        return {"bytes": float(results[0]["bytes"]), "seconds": time.perf_counter() - t0, "buckets": len(refs)}
+        """Learner ranks gather (ZeRO-3) -> rank 0 ships buckets (object store, or a broadcast with
+        learner.sync_backend=collective) -> every rollout worker reloads each bucket as it arrives."""
+        self.state["weight_version"] += 1  # by learner.sync_backend, see actors/weight_sync.py
+        return self.weight_sync.sync(self.state["weight_version"])
 
     def evaluate(self) -> tuple[dict[str, float], dict[str, dict[str, bool]]]:
         """Greedy held-out accuracy by tier, with real and (optionally) silent audio, across rollout workers.

@@ -28,6 +28,8 @@ class RolloutGroup(ActorGroup):
         self.max_restarts, self.ready_timeout_s, self.on_restart = max_restarts, ready_timeout_s, on_restart
         self.restarts = [0] * len(actors)
         self.weights: tuple[list, int] | None = None  # (bucket refs, version) of the last sync
+        self.export_refs: Callable[[], list] | None = None  # fresh buckets for a re-sync after a collective sync
+        self.sync_group_stale = False  # a worker restarted outside the collective sync group
 
     @property
     def restart_count(self) -> int:
@@ -38,6 +40,13 @@ class RolloutGroup(ActorGroup):
         self.weights = (bucket_refs, version)
         return self._each([(i, lambda a: a.load_weights.remote(bucket_refs, version)) for i in range(len(self))],
                           what="load_weights")
+
+    def receive_weights_refs(self, plan: list, version: int) -> list:
+        """Collective sync: every worker receives the buckets `plan` lays out, by broadcast from learner rank 0,
+        as `version` (`actors.weight_sync` waits on these with the broadcast). No buckets are kept for workers
+        restarted later: they get a fresh export (`export_refs`)."""
+        self.weights = (None, version)
+        return [actor.receive_weights.remote(plan, version) for actor in self.actors]
 
     def sharded(self, method: str, shards: list, *args, **kwargs) -> list:
         """One shard per worker (empty shards skipped); results must carry the current weight version."""
@@ -89,8 +98,17 @@ class RolloutGroup(ActorGroup):
             ray.kill(actor, no_restart=False)  # a fresh process and engine; Ray restarts it
         self._wait_until_back(index)
         if self.weights is not None:
-            ray.get(actor.load_weights.remote(*self.weights))
+            self._resync(index)
         self.on_restart(index, cause, time.monotonic() - t0)
+
+    def _resync(self, index: int) -> None:
+        """A restarted worker gets the current weights through the object store: the last sync's buckets, or
+        after a collective sync (none kept) a fresh export; it is then outside the sync group (re-formed later)."""
+        refs, version = self.weights
+        if refs is None:
+            refs = self.export_refs()
+            self.sync_group_stale = True
+        ray.get(self.actors[index].load_weights.remote(refs, version))
 
     def _wait_until_back(self, index: int) -> None:
         """Calls fail with ActorUnavailableError while Ray restarts the worker; retry until it answers."""

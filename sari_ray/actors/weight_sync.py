@@ -50,8 +50,7 @@ class WeightSync:
             result = self._broadcast(version, include_frozen)
         else:
             refs = self._export_refs(include_frozen)
-            self.rollout.load_weights(refs, version, wait=wait)
-            loaded = self.rollout.last_loads if wait else []
+            loaded = self.rollout.load_weights(refs, version, **({} if wait else {"wait": False}))
             result = {"bytes": float(loaded[0]["bytes"]) if loaded else float("nan"), "buckets": len(refs)}
         self.engines_hold_frozen = True
         return {**result, "seconds": time.perf_counter() - t0}
@@ -88,6 +87,5 @@ class WeightSync:
             self.fallbacks += 1
             self.rollout.sync_group_stale = True
             refs = self._export_refs(include_frozen=True)
-            self.rollout.load_weights(refs, version)
-            return {"bytes": float(self.rollout.last_loads[0]["bytes"]), "buckets": len(refs)}
+            return {"bytes": float(self.rollout.load_weights(refs, version)[0]["bytes"]), "buckets": len(refs)}
         return {"bytes": float(sent), "buckets": len(plan)}

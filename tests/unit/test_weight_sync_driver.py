@@ -60,11 +60,10 @@ class FakeWorker:
 class FakeRollout:
     def __init__(self, log, tps):
         self.log, self.actors, self.sync_group_stale = log, [FakeWorker(log, i, tp) for i, tp in enumerate(tps)], False
-        self.last_loads = []
 
     def load_weights(self, refs, version, wait=True):
         self.log.append(("group_load", tuple(refs), version, wait))
-        self.last_loads = [{"bytes": 123}] if wait else []
+        return [{"bytes": 123}] if wait else []
 
     def receive_weights_refs(self, plan, version):
         return [a.receive_weights.remote(plan, version) for a in self.actors]
