@@ -45,7 +45,7 @@ def test_ray_job_submit_runs_training_and_logs_to_mlflow(ray_head, tmp_path, tin
     entrypoint = [
         str(BIN / "python"), "-m", "sari_ray.train", str(REPO / "configs" / "demo_cpu.yaml"),
         f"run.output_dir={out}", "run.name=job-submit-test", f"model.path={tiny_qwen2_audio}", f"data.train={synth_data}",
-        "learner.num_workers=1", "sft.steps=1", "sft.batch_size=2", "grpo.steps=1", "grpo.prompts_per_step=2",
+        "curriculum.num_tiers=3", "learner.num_workers=1", "sft.steps=1", "sft.batch_size=2", "grpo.steps=1", "grpo.prompts_per_step=2",
         "grpo.num_generations=2", "grpo.max_completion_length=8", "eval.max_samples=2", "eval.silent_audio=false",
         f"tracking.tracking_uri={mlflow_server}", "tracking.experiment=job-submit"]
     # Without the token the job API refuses us.

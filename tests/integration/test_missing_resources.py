@@ -32,7 +32,7 @@ def test_a_cluster_without_the_slots_fails_fast_with_the_fix(tmp_path, tiny_qwen
         proc = subprocess.run(
             [str(BIN / "sari-ray"), "train", str(REPO / "configs" / "demo_cpu.yaml"), f"cluster.address=127.0.0.1:{port}",
              "cluster.resource_wait_s=3", f"model.path={tiny_qwen2_audio}", f"data.train={synth_data}",
-             f"run.output_dir={tmp_path / 'run'}"],
+             f"run.output_dir={tmp_path / 'run'}", "curriculum.num_tiers=3"],  # synth_data has tiers 0-2
             env=env, capture_output=True, text=True, timeout=300)
         seconds = time.monotonic() - t0
     finally:

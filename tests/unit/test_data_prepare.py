@@ -22,7 +22,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _cfg(tmp_path, *overrides):
-    return load_config(REPO / "configs" / "demo_cpu.yaml", [f"run.output_dir={tmp_path / 'run'}", *overrides])
+    # tiers 0-2 in these rows; the demo itself is one tier
+    return load_config(REPO / "configs" / "demo_cpu.yaml", [f"run.output_dir={tmp_path / 'run'}",
+                                                            "curriculum.num_tiers=3", *overrides])
 
 
 def _console():
