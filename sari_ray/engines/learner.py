@@ -254,6 +254,7 @@ class DeepSpeedLearner:
         chunks = self._micro_batches(len(rows))
         self.engine.set_train_batch_size(self.micro_batch_size * len(chunks) * self.world_size)
         self.engine.train()
+        self._zero_stale_zero3_grads()
         audio = self._shared_audio(self.engine.module, inputs, tower_states)
         totals: dict[str, float] = {"loss": 0.0}
         for i, index in enumerate(chunks):
@@ -261,6 +262,7 @@ class DeepSpeedLearner:
             batch_rows = [rows[j] for j in index]
             batch = self._batch(inputs, index, audio, last)
             self.engine.set_gradient_accumulation_boundary(last)
+            self._start_micro_step()
             loss, extra = micro_loss(batch_rows, batch, index)
             self.engine.backward(loss + audio.backward_term() if last else loss, scale_wrt_gas=False)
             totals["loss"] += float(loss.detach())
@@ -270,6 +272,23 @@ class DeepSpeedLearner:
         norm = self.engine.get_global_grad_norm()
         totals["grad_norm"] = float(norm) if norm is not None else 0.0
         return totals
+
+    def _zero_stale_zero3_grads(self) -> None:
+        """ZeRO-3 copies a parameter's reduced gradient into its partition at micro-step 0 and adds at later ones,
+        without zeroing in between steps: a parameter first used after micro-step 0 (the audio encoder, whose
+        backward runs with the last micro-batch, `policy.SharedAudio`) would add onto the last step's gradient."""
+        buffer = getattr(self.engine.optimizer, "grad_partitions_flat_buffer", None)
+        if self.zero_stage == 3 and isinstance(buffer, torch.Tensor):
+            buffer.zero_()
+
+    def _start_micro_step(self) -> None:
+        """What `engine.forward` does first; the model is called directly here (sliced LM head, shared audio), and
+        ZeRO optimizers count micro-steps there: without it ZeRO-3 overwrote each micro-batch's reduced gradient
+        with the next one's, so only the last micro-batch's gradient reached the step."""
+        from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+        if isinstance(self.engine.optimizer, ZeROOptimizer):
+            self.engine.optimizer.clear_backward_seen_flag()
 
     @torch.no_grad()
     def _logprobs_no_grad(self, model, inputs: _StepInputs, tower_states: list[torch.Tensor] | None = None

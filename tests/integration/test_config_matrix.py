@@ -81,6 +81,10 @@ def test_sari_qwen2_audio_zero3_bf16_sft_then_grpo(sari_qwen2):
     # the reference is the SFT policy: at the first GRPO step the KL to it is ~0 (to the base model it is not)
     assert kl[1] < 1e-6, kl
     assert {"policy/is_ratio_mean", "policy/is_ratio_max", "policy/is_capped_fraction"} <= run["metrics"].keys()
+    # ZeRO-3, bf16, gradient checkpointing, a trained encoder: each clip's G=8 rows span micro-batches of 4, and
+    # the reference and policy towers still run once per clip per pass (counted by forward hooks)
+    forwards = run["history"]("learn/encoder_forwards_per_clip_per_pass")
+    assert sorted(forwards) == [1, 2, 3] and set(forwards.values()) == {1.0}, forwards
     state = json.loads((run["out"] / "checkpoints" / "step_000003" / "trainer_state.json").read_text())
     assert state["reference_model"].endswith("step_000000/model")
 
