@@ -17,6 +17,7 @@ from typing import Any
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
+IN_FLIGHT_FILE = "rollouts_in_flight.json"  # steps sent ahead (rollout.max_staleness > 0) with their completions
 SFT_CHECKPOINT = "step_000000"
 _STAGING_PREFIX = ".staging-"
 
@@ -79,6 +80,12 @@ def check_free_space(directory: Path, needed: int, margin: float = 1.1) -> None:
             f"not enough disk space for a checkpoint in {directory}: {free / 2**30:.2f} GiB free, about "
             f"{needed * margin / 2**30:.2f} GiB needed. Free some space (older checkpoints, checkpoint.keep_last) "
             f"and resume with run.resume=true")
+
+
+def read_in_flight(checkpoint: Path) -> list[dict]:
+    """The rollouts a checkpoint saved for steps after it (none for a synchronous run or an older checkpoint)."""
+    path = Path(checkpoint) / IN_FLIGHT_FILE
+    return json.loads(path.read_text()) if path.exists() else []
 
 
 def write_json(path: Path, data: Any) -> None:

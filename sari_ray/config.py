@@ -104,6 +104,8 @@ class RolloutConfig:
     enforce_eager: bool = True
     max_num_batched_tokens: int | None = None  # scheduler token budget; None: vLLM's default (CPU: 65536, see engine)
     max_restarts: int = 3  # a dead worker is restarted, re-synced and its prompts re-issued this often, then the run stops
+    max_staleness: int = 0  # 0: synchronous (generate, then learn); k >= 1: the rollouts of the next k steps are
+    # generated while the learners train (off-policy by at most k weight versions, corrected by truncated IS)
 
 
 @dataclass
@@ -221,8 +223,8 @@ POSITIVE = ("rollout.num_workers", "learner.num_workers", "grpo.prompts_per_step
             "curriculum.window", "learner.micro_batch_size", "rollout.tensor_parallel_size",
             "grpo.steps", "checkpoint.every", "checkpoint.keep_last", "eval.max_samples", "tracking.log_every",
             "cluster.torch_threads_per_actor", "rollout.max_model_len")  # integers >= 1
-NON_NEGATIVE = ("sft.steps", "sft.checkpoint_every", "rollout.max_restarts", "run.max_restarts", "eval.every",
-                "curriculum.min_steps_at_tier",
+NON_NEGATIVE = ("sft.steps", "sft.checkpoint_every", "rollout.max_restarts", "run.max_restarts", "rollout.max_staleness",
+                "eval.every", "curriculum.min_steps_at_tier",
                 "data.synth_if_missing",
                 "tracking.completions_table_every")  # integers >= 0 (0: off)
 
@@ -389,6 +391,15 @@ def _max_steps_after_min_steps(cfg: DictConfig) -> str | None:
     return None
 
 
+def _stale_rollouts_are_corrected(cfg: DictConfig) -> str | None:
+    if cfg.rollout.max_staleness > 0 and not cfg.grpo.vllm_importance_sampling_correction:
+        return (f"rollout.max_staleness={cfg.rollout.max_staleness} trains on completions sampled by weights up to "
+                f"{cfg.rollout.max_staleness} step(s) old, which grpo.vllm_importance_sampling_correction=false leaves "
+                f"uncorrected: set grpo.vllm_importance_sampling_correction=true (truncated importance sampling "
+                f"against the sampling log-probs), or rollout.max_staleness=0 for the synchronous loop")
+    return None
+
+
 def _some_reward(cfg: DictConfig) -> str | None:
     if cfg.reward.accuracy_weight + cfg.reward.format_weight <= 0:
         return ("reward.accuracy_weight and reward.format_weight are both 0: every reward and advantage would be 0 "
@@ -440,6 +451,8 @@ CROSS_RULES: tuple[tuple[str, tuple[str, ...], Callable[[DictConfig], str | None
     ("max_steps_after_min_steps", ("curriculum.max_steps_at_tier", "curriculum.min_steps_at_tier"),
      _max_steps_after_min_steps),
     ("some_reward", ("reward.accuracy_weight", "reward.format_weight"), _some_reward),
+    ("stale_rollouts_are_corrected", ("rollout.max_staleness", "grpo.vllm_importance_sampling_correction"),
+     _stale_rollouts_are_corrected),
     ("synth_writes_jsonl", ("data.synth_if_missing", "data.format"), _synth_writes_jsonl),
     ("synth_has_the_tiers", ("data.synth_if_missing", "curriculum.num_tiers"), _synth_has_the_tiers),
     ("contribution_filter_has_its_file", ("data.min_audio_contribution", "data.audio_contribution"),

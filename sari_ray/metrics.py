@@ -30,14 +30,17 @@ def group_signal(rewards: list[float], num_generations: int) -> dict[str, float]
 
 
 def throughput(completions: int, tokens: int, step_s: float, timings: dict[str, float]) -> dict[str, float]:
-    """Per wall-second of the whole step (what a user waits for), and of the rollout phase alone under its own
-    names; busy fractions say how long each group worked while the step ran (the rest it waited)."""
+    """Per wall-second of the whole step (what a user waits for), and of the rollout workers' generation alone
+    under its own names; busy fractions say how long each group worked while the step ran (the rest it waited).
+    `time/rollout_generate` is the workers' own generation time, `time/rollout` the driver's wait for it: with
+    rollout.max_staleness > 0 generation overlaps learning and the wait is shorter."""
     step_s = max(step_s, 1e-9)
-    rollout_s = max(timings.get("time/rollout", 0.0), 1e-9)
+    generate_s = timings.get("time/rollout_generate", timings.get("time/rollout", 0.0))
+    rollout_s = max(generate_s, 1e-9)
     return {"time/step": step_s,
             "throughput/completions_per_s": completions / step_s, "throughput/tokens_per_s": tokens / step_s,
             "rollout/completions_per_s": completions / rollout_s, "rollout/tokens_per_s": tokens / rollout_s,
-            "time/rollout_busy_frac": timings.get("time/rollout", 0.0) / step_s,
+            "time/rollout_busy_frac": min(generate_s / step_s, 1.0),
             "time/learner_busy_frac": (timings.get("time/learn", 0.0) + timings.get("time/sync", 0.0)) / step_s}
 
 

@@ -25,7 +25,7 @@ from sari_ray.config import (ConfigError, actor_resources, grpo_settings, load_c
                              to_flat_dict)
 from sari_ray.data.prepare import prepare_data
 from sari_ray.batching import split_evenly
-from sari_ray.data.schema import AudioMCQ
+from sari_ray.rollout_pipeline import RolloutPipeline
 from sari_ray.actors.errors import ActorDied
 
 CHECKPOINTS = checkpoints.CHECKPOINTS
@@ -106,6 +106,8 @@ class Trainer:
                                  kv_cache_sequences=-(-cfg.grpo.prompts_per_step * cfg.grpo.num_generations
                                                       // cfg.rollout.num_workers))
             self.rollout = wiring.start_rollout_workers(cfg, self.model_path, engine_kwargs, self._rollout_restarted)
+            self.pipeline = RolloutPipeline(cfg.rollout.max_staleness, cfg.grpo.steps, self._draw_batch,
+                                            self._send_rollouts, self._collect_rollouts)
             self.learners = wiring.start_learners(cfg, self._learner_setup_kwargs())
             start_s = wiring.wait_rollout_ready(cfg, self.rollout)
             self.weight_sync = wiring.start_weight_sync(cfg, self.learners, self.rollout)
@@ -133,20 +135,23 @@ class Trainer:
 
     def _restore(self, checkpoint: Path) -> None:
         """Actors back to `checkpoint` (self.state already holds its state): curriculum and data cursor, learner
-        and optimizer (the reference model came with the learners' setup), the engines' weights. What
-        run.resume=true does at startup and a learner restart mid-run."""
+        and optimizer (the reference model came with the learners' setup), the engines' weights as the version
+        they were, the rollouts it kept in flight. What run.resume=true does at startup and a learner restart
+        mid-run."""
         import ray
 
         if self.state["curriculum"] is not None:
             ray.get(self.curriculum.load_state_dict.remote(self.state["curriculum"]))
         self.learners.call("load_checkpoint", str(checkpoint))
-        self.sync_weights()  # engines restart from the base model: give them the checkpoint's weights
+        # engines restart from the base model: give them the checkpoint's weights, as the version they were
+        self.sync_weights(new_version=False)
+        self.pipeline.restore(checkpoints.read_in_flight(checkpoint))
 
     def _restart_learners_from_checkpoint(self, err: Exception) -> None:
         """A learner rank died (`ActorDied`, role learner): a DeepSpeed group cannot lose a rank, so every
         rank is killed (those blocked in a collective with it too), a new group starts, and the run goes back to
         the last complete checkpoint exactly as run.resume=true would (`_restore`), at most run.max_restarts
-        times. The steps after the checkpoint are trained and logged again
+        times. Rollouts in flight are discarded; the steps after the checkpoint are trained and logged again
         (same MLflow run; readers take a step's last value). Other actors' deaths are re-raised."""
         from sari_ray.actors import wiring
 
@@ -165,6 +170,7 @@ class Trainer:
                            f"{checkpoint.name if checkpoint else 'the start (no checkpoint yet)'} "
                            f"(restart {faults['learner_restarts']} of at most {cfg.run.max_restarts})", soft_wrap=True)
         self.learners.kill()
+        self.pipeline.discard()
         kept = {k: self.state[k] for k in ("mlflow_run_id", "tracking_uri") if k in self.state}
         self.state = {**self._state_at(checkpoint), **kept, "faults": faults}
         self.learners = wiring.start_learners(cfg, self._learner_setup_kwargs())
@@ -177,7 +183,7 @@ class Trainer:
             ray.kill(self.curriculum)
             self.curriculum = wiring.start_curriculum(cfg, {s.id: s.tier or 0 for s in self.train_set})
             self.state["phase"] = "sft" if cfg.sft.steps > 0 else "grpo"
-            self.sync_weights()
+            self.sync_weights(new_version=False)
         self.tracker.log_metrics({"faults/learner_restarts": faults["learner_restarts"]}, failed_at)
         where = f"GRPO step {self.state['step'] + 1}" if self.state["phase"] == "grpo" else \
             f"SFT step {self.state['sft_step'] + 1}"
@@ -291,17 +297,18 @@ class Trainer:
         cfg = self.cfg
         self.timings = {}  # this step's phases only
         t_step = time.perf_counter()
-        with self.phase("sample"):
-            batch = self._get(self.curriculum.next_batch.remote())
-            samples = [self.by_id[i] for i in batch.ids]
+        with self.phase("rollout"):  # waiting for them: sent now, or up to rollout.max_staleness steps ago
+            batch_ids, rollouts = self.pipeline.take(step)
+        samples = [self.by_id[i] for i in batch_ids]
         self.state["grpo_tiers"] = sorted(set(self.state.get("grpo_tiers", [])) | {s.tier or 0 for s in samples})
-        with self.phase("rollout"):
-            rollouts = self.generate(samples, step)
         completions = [c for r in rollouts for c in r["completions"]]
-        stale = {c["weight_version"] for c in completions} - {self.state["weight_version"]}
-        if stale:
-            raise RuntimeError(f"step {step}: completions generated with weight versions {sorted(stale)}, expected "
-                               f"only {self.state['weight_version']} (a rollout worker missed a weight sync)")
+        staleness = [self.state["weight_version"] - c["weight_version"] for c in completions]
+        if max(staleness) > cfg.rollout.max_staleness or min(staleness) < 0:
+            raise RuntimeError(f"step {step}: completions generated with weight versions "
+                               f"{sorted({c['weight_version'] for c in completions})} at version "
+                               f"{self.state['weight_version']}, beyond rollout.max_staleness="
+                               f"{cfg.rollout.max_staleness} (a rollout worker missed a weight sync)")
+        self.timings["time/rollout_generate"] = max(r["generate_s"] for r in rollouts)  # the workers' own time
         expanded = [s for s in samples for _ in range(cfg.grpo.num_generations)]
         with self.phase("reward"):
             scores = self._get(self.reward.score.remote([c["text"] for c in completions], [s.to_dict() for s in expanded]))
@@ -325,7 +332,8 @@ class Trainer:
                                         time.perf_counter() - t_step, self.timings))
         m["faults/rollout_restarts"] = self.state.get("faults", {}).get("rollout_restarts", 0)
         m.update({"sync/bytes": sync["bytes"], "sync/seconds": sync["seconds"], "learn/records": len(records),
-                  "rollout/weight_version": self.state["weight_version"]})
+                  "rollout/weight_version": self.state["weight_version"],
+                  "rollout/staleness_mean": sum(staleness) / len(staleness), "rollout/staleness_max": max(staleness)})
         self.state["curve"].append([step, m["reward/mean"], m["throughput/completions_per_s"], sync["seconds"],
                                     int(m.get("curriculum/tier", 0))])
         if promotion is not None:
@@ -337,7 +345,7 @@ class Trainer:
         if cfg.eval.every and step % cfg.eval.every == 0:
             m.update(self.evaluate()[0])
         self.tracker.log_metrics(m, step)
-        self._log_batch(step, batch.ids)
+        self._log_batch(step, batch_ids)
         if cfg.tracking.completions_table_every and step % cfg.tracking.completions_table_every == 0:
             self.tracker.log_table([{"step": step, "sample_id": s.id, "tier": s.tier, "answer": s.answer,
                                      "completion": c["text"], **{k: sc[k] for k in ("reward", "accuracy", "format")}}
@@ -345,16 +353,22 @@ class Trainer:
                                    f"completions/step_{step:06d}.json")
         return m
 
-    def generate(self, samples: list[AudioMCQ], step: int) -> list[dict]:
-        """Prompts spread across rollout workers (adding workers raises throughput)."""
+    def _draw_batch(self) -> list[str]:
+        return self._get(self.curriculum.next_batch.remote()).ids
+
+    def _collect_rollouts(self, pending) -> list[dict]:
+        return [r for shard in self.rollout.collect(pending) for r in shard]
+
+    def _send_rollouts(self, step: int, ids: list[str]):
+        """Prompts spread across rollout workers (adding workers raises throughput); collected by the pipeline
+        as one list in batch order."""
         cfg = self.cfg
         g = cfg.grpo.num_generations
         base = (cfg.run.seed * 1_000_003 + step) * 1_000_000  # a prompt's seeds depend on its place, not its worker
-        rows = [{**s.to_dict(), "_seed": base + i * g} for i, s in enumerate(samples)]
-        per_worker = self.rollout.sharded(
+        rows = [{**self.by_id[sid].to_dict(), "_seed": base + i * g} for i, sid in enumerate(ids)]
+        return self.rollout.submit_sharded(
             "generate", split_evenly(rows, len(self.rollout)), cfg.prompt.style, n=g,
             temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, max_tokens=cfg.grpo.max_completion_length)
-        return [r for shard in per_worker for r in shard]
 
     def training_records(self, rollouts: list[dict], scores: list[dict]) -> list[dict]:
         """Group advantages, optional dropping of uniform groups; one record per completion."""
@@ -386,11 +400,14 @@ class Trainer:
         rows = rows + [{**rows[i % len(rows)], weight_key: 0.0} for i in range(pad)]
         return split_evenly(rows, n)
 
-    def sync_weights(self) -> dict[str, float]:
+    def sync_weights(self, new_version: bool = True) -> dict[str, float]:
         """Learner ranks gather (ZeRO-3) -> rank 0 ships buckets (object store, or a broadcast with
-        learner.sync_backend=collective) -> every rollout worker reloads each bucket as it arrives."""
-        self.state["weight_version"] += 1  # by learner.sync_backend, see actors/weight_sync.py
-        return self.weight_sync.sync(self.state["weight_version"])
+        learner.sync_backend=collective) -> every rollout worker reloads each bucket as it arrives. With
+        rollout.max_staleness > 0 (object store) a worker loads once its rollouts in flight are done and
+        the driver does not wait for it (the next step's collect checks the loads). `new_version=False`
+        re-delivers the current version (a resumed run's checkpoint weights)."""
+        self.state["weight_version"] += int(new_version)  # by learner.sync_backend, see actors/weight_sync.py
+        return self.weight_sync.sync(self.state["weight_version"], wait=self.cfg.rollout.max_staleness == 0)
 
     def evaluate(self) -> tuple[dict[str, float], dict[str, dict[str, bool]]]:
         """Greedy held-out accuracy by tier, with real and (optionally) silent audio, across rollout workers.
@@ -423,6 +440,7 @@ class Trainer:
         s["curriculum"] = ray.get(self.curriculum.state_dict.remote())
         with checkpoints.staged(final, checkpoints.expected_bytes(self.out, self.model_path)) as staging:
             self.learners.call("save_checkpoint", str(staging))
+            checkpoints.write_json(staging / checkpoints.IN_FLIGHT_FILE, self.pipeline.in_flight_state())
             checkpoints.write_json(staging / checkpoints.STATE_FILE, s)
         checkpoints.rotate(self.out, self.cfg.checkpoint.keep_last)
         return final

@@ -25,17 +25,25 @@ class RolloutWorker:
     def ready(self) -> float:
         return self.start_seconds
 
+    def pid(self) -> int:
+        """Tells a restarted worker (a new process) from one that merely failed a call."""
+        import os
+
+        return os.getpid()
+
     def generate(self, samples: list[dict], style: str, *, n: int, temperature: float, top_p: float,
                  max_tokens: int, seed: int | None = None) -> list[dict]:
         """G completions per sample: ids, sampling log-probs, finish reasons, the weight version used.
         Rows may carry their own `_seed` (the driver's), which wins over `seed`."""
+        t0 = time.perf_counter()
         seeds = [row.pop("_seed") for row in samples] if samples and "_seed" in samples[0] else seed
         parsed = [AudioMCQ.from_dict(row) for row in samples]
         prompts = [render_prompt(build_messages(s, PromptStyle(style)), self.processor) for s in parsed]
         audios = [load_audio(s.audio, max_seconds=self.max_audio_seconds).samples for s in parsed]
         outputs = self.engine.generate(prompts, audios, n=n, temperature=temperature, top_p=top_p,
                                        max_tokens=max_tokens, seed=seeds)
-        return [{"sample_id": s.id, "prompt": p, "completions": [asdict(c) for c in comps]}
+        seconds = time.perf_counter() - t0  # the worker's own time: the driver may wait less (async) or more
+        return [{"sample_id": s.id, "prompt": p, "completions": [asdict(c) for c in comps], "generate_s": seconds}
                 for s, p, comps in zip(parsed, prompts, outputs)]
 
     def evaluate(self, samples: list[dict], style: str, *, max_tokens: int, audio_mode: str = "real") -> list[dict]:

@@ -8,6 +8,7 @@ error naming the worker and the cause.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import ray
@@ -20,14 +21,30 @@ class RolloutWorkerLost(RuntimeError):
     """A rollout worker died more often than `rollout.max_restarts` allows."""
 
 
+@dataclass
+class PendingCalls:
+    """Calls sent to the workers and not yet collected, with the weight version they were sent under."""
+    calls: list[tuple[int, Callable]]
+    refs: dict[int, Any]
+    version: int
+    what: str = "a call"  # the method, for a deadline's error
+
+
 class RolloutGroup(ActorGroup):
     def __init__(self, actors: list, max_restarts: int, ready_timeout_s: float,
                  on_restart: Callable[[int, str, float], None] = lambda index, cause, seconds: None,
-                 step_timeout_s: float | None = None):
+                 step_timeout_s: float | None = None, keep_versions: int = 1):
         super().__init__(actors, "rollout worker", step_timeout_s)
         self.max_restarts, self.ready_timeout_s, self.on_restart = max_restarts, ready_timeout_s, on_restart
         self.restarts = [0] * len(actors)
         self.weights: tuple[list, int] | None = None  # (bucket refs, version) of the last sync
+        # the buckets of the last versions, kept alive so that a shard sent under one of them and re-issued after
+        # a restart runs on the same weights as before (rollout.max_staleness + 1 versions; the object store pays)
+        self.keep_versions = keep_versions
+        self.recent_weights: dict[int, list] = {}
+        self.pids: dict[int, int] = {}  # worker index -> process id last seen (a new one means a restart)
+        self.loads: PendingCalls | None = None  # weight loads sent and not yet checked
+        self.last_loads: list[dict] = []
         self.export_refs: Callable[[], list] | None = None  # fresh buckets for a re-sync after a collective sync
         self.sync_group_stale = False  # a worker restarted outside the collective sync group
 
@@ -35,11 +52,14 @@ class RolloutGroup(ActorGroup):
     def restart_count(self) -> int:
         return sum(self.restarts)
 
-    def load_weights(self, bucket_refs: list, version: int) -> list[dict]:
-        """Every worker reloads `bucket_refs` as `version` (remembered for workers restarted later)."""
+    def load_weights(self, bucket_refs: list, version: int, wait: bool = True) -> list[dict]:
+        """Every worker reloads `bucket_refs` as `version` (remembered for workers restarted later). wait=False:
+        each worker loads when its calls sent earlier are done (no barrier); the next `collect` checks the loads."""
         self.weights = (bucket_refs, version)
-        return self._each([(i, lambda a: a.load_weights.remote(bucket_refs, version)) for i in range(len(self))],
-                          what="load_weights")
+        self.recent_weights = {v: r for v, r in self.recent_weights.items() if v > version - self.keep_versions}
+        self.recent_weights[version] = bucket_refs
+        self.loads = self.submit_sharded("load_weights", [bucket_refs] * len(self), version)
+        return self.finish_loads() if wait else []
 
     def receive_weights_refs(self, plan: list, version: int) -> list:
         """Collective sync: every worker receives the buckets `plan` lays out, by broadcast from learner rank 0,
@@ -48,23 +68,53 @@ class RolloutGroup(ActorGroup):
         self.weights = (None, version)
         return [actor.receive_weights.remote(plan, version) for actor in self.actors]
 
+    def finish_loads(self) -> list[dict]:
+        """The results of the last `load_weights` not yet checked (a worker that died meanwhile is restarted and
+        given the weights)."""
+        loads, self.loads = self.loads, None
+        if loads is None:
+            return []
+        self.last_loads = self._collect(loads.calls, loads.refs, valid=None, what="load_weights")
+        return self.last_loads
+
     def sharded(self, method: str, shards: list, *args, **kwargs) -> list:
         """One shard per worker (empty shards skipped); results must carry the current weight version."""
+        return self.collect(self.submit_sharded(method, shards, *args, **kwargs))
+
+    def submit_sharded(self, method: str, shards: list, *args, **kwargs) -> "PendingCalls":
+        """Send one shard per worker now, wait later with `collect` (the async pipeline keeps a step's rollouts
+        in flight while the learners train). A worker runs its calls in the order sent, so a call sent after a
+        weight load runs on those weights."""
         calls = [(i, lambda a, shard=shard: getattr(a, method).remote(shard, *args, **kwargs))
                  for i, shard in enumerate(shards) if shard]
-        return self._each(calls, valid=self._current_weights, what=method)
+        return PendingCalls(calls, {i: make(self.actors[i]) for i, make in calls}, self.version, method)
 
-    def _current_weights(self, result: list[dict]) -> bool:
-        """A worker that restarted between calls serves the base model: its answers say so."""
-        expected = self.weights[1] if self.weights else 0
+    def collect(self, pending: "PendingCalls") -> list:
+        """The results of `submit_sharded`, re-issuing a dead worker's shard. Its completions must carry the
+        weights it was sent under, or newer ones (a worker restarted meanwhile gets the newest)."""
+        self.finish_loads()
+        return self._collect(pending.calls, pending.refs,
+                             valid=lambda result: self._weights_at_least(result, pending.version), what=pending.what,
+                             version=pending.version)
+
+    @property
+    def version(self) -> int:
+        return self.weights[1] if self.weights else 0
+
+    def _weights_at_least(self, result: list[dict], version: int) -> bool:
+        """A worker that restarted between calls serves the base model (version 0): its answers say so."""
         versions = {c["weight_version"] for r in result for c in r.get("completions", [r])}
-        return versions <= {expected}
+        return all(version <= v <= self.version for v in versions)
 
-    def _each(self, calls: list[tuple[int, Callable]], valid: Callable[[Any], bool] | None = None,
-              what: str = "a call") -> list:
-        """Each worker's result, within `timeout_s` per call (a re-issued call gets its own)."""
-        refs = {i: make(self.actors[i]) for i, make in calls}
+    def _each(self, calls: list[tuple[int, Callable]], valid: Callable[[Any], bool] | None = None) -> list:
+        return self._collect(calls, {i: make(self.actors[i]) for i, make in calls}, valid)
+
+    def _collect(self, calls: list[tuple[int, Callable]], refs: dict[int, Any],
+                 valid: Callable[[Any], bool] | None, what: str = "a call", version: int | None = None) -> list:
+        """Each worker's result, within `timeout_s` per call (a re-issued call gets its own). `version`: the
+        weights the calls were sent under; a re-issued call runs on them again if they are still kept."""
         out: dict[int, Any] = {}
+        behind: set[int] = set()
         for i, make in calls:
             while i not in out:
                 try:
@@ -72,33 +122,50 @@ class RolloutGroup(ActorGroup):
                     if valid is None or valid(result):
                         out[i] = result
                         continue
-                    self._restart(i, "it answered with the base model's weights: it restarted between calls",
+                    self._recover(i, "it answered with the base model's weights: it restarted between calls",
                                   died=True)
                 except ray.exceptions.GetTimeoutError:
                     raise StepTimeout(f"rollout worker {i} did not finish {what} within {self.timeout_s:.0f} s "
                                       f"(cluster.step_timeout_s; the last complete checkpoint stays, resume with "
                                       f"run.resume=true). Check its log for what it waits on.") from None
                 except ray.exceptions.RayActorError as err:  # the worker process died (signal, OOM, node loss)
-                    self._restart(i, _first_line(err), died=True)
+                    self._recover(i, _first_line(err), died=True)
                 except ray.exceptions.RayTaskError as err:  # the worker lives but its engine failed
-                    self._restart(i, _first_line(err), died=False)
+                    self._recover(i, _first_line(err), died=False)
+                if version is not None and version != self.version and version in self.recent_weights:
+                    ray.get(self.actors[i].load_weights.remote(self.recent_weights[version], version))
+                    behind.add(i)  # re-issued on the weights it was sent under (async): the same completions
                 refs[i] = make(self.actors[i])
+        for i in behind:  # back to the newest weights for the calls that follow
+            self._resync(i)
         return [out[i] for i, _ in calls]
 
-    def _restart(self, index: int, cause: str, died: bool) -> None:
-        self.restarts[index] += 1
-        if self.restarts[index] > self.max_restarts:
-            raise RolloutWorkerLost(f"rollout worker {index} failed {self.restarts[index]} times "
-                                    f"(rollout.max_restarts={self.max_restarts}); last cause: {cause}")
+    def _recover(self, index: int, cause: str, died: bool) -> None:
+        """Wait for Ray's restart of the worker (or force one), then give it the current weights. A restart is
+        counted by the worker's new process id."""
         import time
 
         t0 = time.monotonic()
         actor = self.actors[index]
         if not died:
             ray.kill(actor, no_restart=False)  # a fresh process and engine; Ray restarts it
-        self._wait_until_back(index)
+        try:
+            self._wait_until_back(index)
+        except RolloutWorkerLost as gave_up:  # Ray's own max_restarts (the same bound) is spent: one death too many
+            raise RolloutWorkerLost(f"rollout worker {index} failed {self.restarts[index] + 1} times "
+                                    f"(rollout.max_restarts={self.max_restarts}); last cause: {cause}") from gave_up
+        pid = ray.get(actor.pid.remote())
+        restarted = pid != self.pids.get(index)
+        self.pids[index] = pid
+        if restarted:
+            self.restarts[index] += 1
+            if self.restarts[index] > self.max_restarts:
+                raise RolloutWorkerLost(f"rollout worker {index} failed {self.restarts[index]} times "
+                                        f"(rollout.max_restarts={self.max_restarts}); last cause: {cause}")
         if self.weights is not None:
             self._resync(index)
+        if not restarted:
+            return  # one death fails every call then in flight to the worker: counted once
         self.on_restart(index, cause, time.monotonic() - t0)
 
     def _resync(self, index: int) -> None:

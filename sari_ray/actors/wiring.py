@@ -175,7 +175,8 @@ def start_rollout_workers(cfg, model_path: str, engine_kwargs: dict[str, Any], o
     actors = [remote.remote(model_path, engine_kwargs, cfg.data.max_audio_seconds)
               for _ in range(cfg.rollout.num_workers)]
     return RolloutGroup(actors, cfg.rollout.max_restarts, cfg.cluster.setup_timeout_s,
-                        **({"on_restart": on_restart} if on_restart else {}), step_timeout_s=step_timeout_s(cfg))
+                        **({"on_restart": on_restart} if on_restart else {}), step_timeout_s=step_timeout_s(cfg),
+                        keep_versions=cfg.rollout.max_staleness + 1)
 
 
 def start_learners(cfg, setup_kwargs: dict[str, Any]) -> ActorGroup:

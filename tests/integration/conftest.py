@@ -68,7 +68,10 @@ def short_run_overrides(out: Path, data: Path, model: Path) -> list[str]:
             "data.eval_fraction=0.25", "sft.steps=2", "sft.batch_size=4", "grpo.steps=4", "grpo.prompts_per_step=4",
             "grpo.num_generations=2", "grpo.max_completion_length=24", "learner.micro_batch_size=4",
             "checkpoint.every=2", "eval.max_samples=8", "tracking.completions_table_every=2",
-            "curriculum.promote_threshold=1.0", "curriculum.min_steps_at_tier=1000", "rollout.max_model_len=1024"]
+            "curriculum.promote_threshold=1.0", "curriculum.min_steps_at_tier=1000", "rollout.max_model_len=1024",
+            # the asynchronous pipeline (step t+1 generated while step t trains), as the demo runs it: the tests
+            # built on this run (resume, interrupts, faults) check it serves the same batches and weights
+            "rollout.max_staleness=1", "grpo.vllm_importance_sampling_correction=true"]
 
 
 @pytest.fixture(scope="session")

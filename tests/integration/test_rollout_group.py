@@ -24,6 +24,9 @@ class FlakyWorker:
     def ready(self) -> float:
         return 0.0
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def load_weights(self, refs, version):
         self.version = version
         return {"bytes": 1, "version": version}

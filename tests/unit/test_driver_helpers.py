@@ -78,6 +78,9 @@ def test_throughput_is_per_wall_second_of_the_step_with_rollout_figures_apart():
     assert m["throughput/completions_per_s"] == 8.0 and m["throughput/tokens_per_s"] == 128.0
     assert m["rollout/completions_per_s"] == 32.0 and m["rollout/tokens_per_s"] == 512.0
     assert m["time/rollout_busy_frac"] == 0.25 and m["time/learner_busy_frac"] == pytest.approx(5.5 / 8)
+    # async (rollout.max_staleness > 0): the driver waited 0.1 s, the workers generated for 4 s of the step
+    m = throughput(64, 1024, 8.0, {"time/rollout": 0.1, "time/rollout_generate": 4.0, "time/learn": 5.0})
+    assert m["rollout/completions_per_s"] == 16.0 and m["time/rollout_busy_frac"] == 0.5
 
 
 def test_step_deadline_is_derived_from_the_step_size_unless_set():
