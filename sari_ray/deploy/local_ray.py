@@ -22,7 +22,7 @@ runtime-env agent see it die and then block in a last report to the dead GCS, al
 process of a local cluster carries `SARI_RAY_LOCAL_CLUSTER_OF=<driver pid>` in its environment (inherited from
 the driver during `ray.init`, passed on by the raylet to workers and by workers to engine processes), and a
 small reaper process (`python -m sari_ray.deploy.local_ray reap PID`) waits for the driver to go, however it
-goes, then SIGKILLs every process carrying its mark. Tested by tests/integration/test_interrupts.py (SIGKILL of
+goes, then SIGKILLs every process carrying its mark, and the driver's descendants it saw. Tested by tests/integration/test_interrupts.py (SIGKILL of
 the driver during GRPO) and test_faults.py (a normal exit).
 
 Run: `python -m sari_ray.deploy.local_ray reap DRIVER_PID` (the driver starts it; not meant to be typed).
@@ -98,18 +98,31 @@ def marked_processes(driver_pid: int, proc: Path = Path("/proc")) -> list[int]:
 def reap(driver_pid: int, poll_s: float = 0.5, settle_s: float = 2.0, limit_s: float = 25.0) -> int:
     """Wait until `driver_pid` is gone (this process is its child: its parent changes), then SIGKILL every
     process of its local cluster until none has shown up for `settle_s` (or `limit_s` passed). Returns how many
-    were killed."""
+    were killed. Besides the environment mark, the driver's descendants seen while it lived are killed too (a
+    second net should a process not carry the mark); psutil tells a pid reused since from the one seen."""
+    import psutil
+
+    seen: dict[int, psutil.Process] = {}
     while os.getppid() == driver_pid:
+        try:
+            seen.update({p.pid: p for p in psutil.Process(driver_pid).children(recursive=True) if p.pid != os.getpid()})
+        except psutil.Error:
+            pass
         time.sleep(poll_s)
     killed, quiet_since, t0 = 0, time.monotonic(), time.monotonic()
     while time.monotonic() - quiet_since < settle_s and time.monotonic() - t0 < limit_s:
-        for pid in marked_processes(driver_pid):
+        for proc in list(seen.values()) + [pid for pid in marked_processes(driver_pid) if pid not in seen]:
             try:
-                os.kill(pid, signal.SIGKILL)
+                if isinstance(proc, int):
+                    os.kill(proc, signal.SIGKILL)
+                elif proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    proc.kill()
+                else:
+                    continue
                 killed += 1
-            except ProcessLookupError:
+                quiet_since = time.monotonic()
+            except (ProcessLookupError, psutil.Error):
                 pass
-            quiet_since = time.monotonic()
         time.sleep(0.2)
     return killed
 

@@ -81,9 +81,14 @@ def assert_none_left(driver_pid: int, procs: list, seconds: float = 30.0) -> flo
         time.sleep(0.2)
 
 
-def run_interrupted_then_resumed(out: Path, model: Path, data: Path, when, kill_resumed_when=None) -> dict:
-    """SIGINT at `when`; then resume. With `kill_resumed_when`: SIGKILL the resumed driver then, check nothing of
-    its run is left after 30 s, and resume once more."""
+def batch_lines(out: Path) -> int:
+    batches = out / "batches.jsonl"
+    return batches.read_text().count("\n") if batches.exists() else 0
+
+
+def run_interrupted_then_resumed(out: Path, model: Path, data: Path, when, sigkill_resumed: bool = False) -> dict:
+    """SIGINT at `when`; then resume. With `sigkill_resumed`: SIGKILL the resumed driver once it has trained a GRPO
+    step of its own (mid-run, a step in flight), check nothing of its run is left after 30 s, and resume again."""
     proc = start(out, model, data)
     wait_for(lambda: when(out), proc)
     os.kill(proc.pid, signal.SIGINT)
@@ -95,13 +100,16 @@ def run_interrupted_then_resumed(out: Path, model: Path, data: Path, when, kill_
     interrupted_at = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert_none_left(proc.pid, procs)
     result = {"checkpoints_at_interrupt": interrupted_at}
-    if kill_resumed_when is not None:
+    if sigkill_resumed:
+        before = batch_lines(out)
         killed = start(out, model, data, "run.resume=true")
-        wait_for(lambda: kill_resumed_when(out), killed)
-        procs = run_processes(killed.pid)
-        assert len(procs) >= 5, [p.name() for p in procs]  # Ray's, the engine's and the learners' processes
-        killed.send_signal(signal.SIGKILL)
-        killed.wait(60)
+        try:
+            wait_for(lambda: batch_lines(out) > before, killed)
+            procs = run_processes(killed.pid)
+            assert len(procs) >= 5, [p.name() for p in procs]  # Ray's, the engine's and the learners' processes
+        finally:
+            killed.send_signal(signal.SIGKILL)
+            killed.wait(60)
         result["seconds_to_no_process"] = assert_none_left(killed.pid, procs)
     resumed = start(out, model, data, "run.resume=true")
     resumed.wait(900)
@@ -140,13 +148,11 @@ def test_sigint_during_sft_then_resume(short_training_run, tmp_path, tiny_qwen2_
 def test_sigint_during_grpo_then_resume(short_training_run, tmp_path, tiny_qwen2_audio, synth_data):
     out = tmp_path / "run"
     batches = out / "batches.jsonl"
-    def grpo_batches(n):
-        return lambda o: batches.exists() and batches.read_text().count("\n") >= n
-
-    # SIGINT after GRPO step 1; the resumed driver is SIGKILLed after its first step (mid-run, no checkpoint of
-    # its own yet, a step in flight); the second resume goes on from the last complete checkpoint
-    result = run_interrupted_then_resumed(out, tiny_qwen2_audio, synth_data, grpo_batches(1),
-                                          kill_resumed_when=grpo_batches(2))
+    # SIGINT after GRPO step 1; the resumed driver is SIGKILLed after a step of its own (mid-run, a step in
+    # flight); the second resume goes on from the last complete checkpoint
+    result = run_interrupted_then_resumed(out, tiny_qwen2_audio, synth_data,
+                                          lambda o: batches.exists() and batches.read_text().count("\n") >= 1,
+                                          sigkill_resumed=True)
     stopped = result["checkpoints_at_interrupt"][-1]
     assert stopped.startswith("step_") and stopped != "step_000004", result["checkpoints_at_interrupt"]
     print(f"no process of the SIGKILLed run left {result['seconds_to_no_process']:.1f} s after the kill")
