@@ -23,9 +23,13 @@ def test_rollout_weights_equal_learner_weights_after_every_sync(short_training_r
 
 
 def test_vllm_sampling_logprobs_match_learner_after_syncs(short_training_run):
-    """Each step samples with the weights of the previous sync; the learner recomputes log-probs with the same
-    weights. Clips repeat across steps (small tier-0 pool), so a stale audio-encoder cache would show here."""
-    for check in short_training_run["checks"][1:]:
+    """A step sampled with the weights the learner holds (staleness 0) gets the same log-probs from the learner.
+    Clips repeat across steps (small tier-0 pool), so a stale audio-encoder cache would show here. The short run is
+    asynchronous (rollout.max_staleness=1): later steps sample one version behind, by design, and their gap is
+    the policy change that truncated IS corrects, so only on-policy steps are compared."""
+    on_policy = [c for c in short_training_run["checks"][1:] if c["metrics"]["rollout/staleness_max"] == 0]
+    assert on_policy, "no step sampled with the learner's current weights"
+    for check in on_policy:
         gap = check["metrics"]["policy/logprob_gap_vllm"]
         assert gap < 1e-3, f"step {check['label']}: |vLLM - learner| log-prob gap {gap}"
 
