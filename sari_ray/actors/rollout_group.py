@@ -106,9 +106,6 @@ class RolloutGroup(ActorGroup):
         versions = {c["weight_version"] for r in result for c in r.get("completions", [r])}
         return all(version <= v <= self.version for v in versions)
 
-    def _each(self, calls: list[tuple[int, Callable]], valid: Callable[[Any], bool] | None = None) -> list:
-        return self._collect(calls, {i: make(self.actors[i]) for i, make in calls}, valid)
-
     def _collect(self, calls: list[tuple[int, Callable]], refs: dict[int, Any],
                  valid: Callable[[Any], bool] | None, what: str = "a call", version: int | None = None) -> list:
         """Each worker's result, within `timeout_s` per call (a re-issued call gets its own). `version`: the
@@ -152,21 +149,23 @@ class RolloutGroup(ActorGroup):
         try:
             self._wait_until_back(index)
         except RolloutWorkerLost as gave_up:  # Ray's own max_restarts (the same bound) is spent: one death too many
-            raise RolloutWorkerLost(f"rollout worker {index} failed {self.restarts[index] + 1} times "
-                                    f"(rollout.max_restarts={self.max_restarts}); last cause: {cause}") from gave_up
+            raise self._lost(index, self.restarts[index] + 1, cause) from gave_up
         pid = ray.get(actor.pid.remote())
         restarted = pid != self.pids.get(index)
         self.pids[index] = pid
         if restarted:
             self.restarts[index] += 1
             if self.restarts[index] > self.max_restarts:
-                raise RolloutWorkerLost(f"rollout worker {index} failed {self.restarts[index]} times "
-                                        f"(rollout.max_restarts={self.max_restarts}); last cause: {cause}")
+                raise self._lost(index, self.restarts[index], cause)
         if self.weights is not None:
             self._resync(index)
         if not restarted:
             return  # one death fails every call then in flight to the worker: counted once
         self.on_restart(index, cause, time.monotonic() - t0)
+
+    def _lost(self, index: int, failures: int, cause: str) -> RolloutWorkerLost:
+        return RolloutWorkerLost(f"rollout worker {index} failed {failures} times "
+                                 f"(rollout.max_restarts={self.max_restarts}); last cause: {cause}")
 
     def _resync(self, index: int) -> None:
         """A restarted worker gets the current weights through the object store: the last sync's buckets, or
