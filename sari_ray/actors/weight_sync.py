@@ -50,7 +50,7 @@ class WeightSync:
             result = self._broadcast(version, include_frozen)
         else:
             refs = self._export_refs(include_frozen)
-            loaded = self.rollout.load_weights(refs, version, **({} if wait else {"wait": False}))
+            loaded = self.rollout.load_weights(refs, version, wait=wait)
             result = {"bytes": float(loaded[0]["bytes"]) if loaded else float("nan"), "buckets": len(refs)}
         self.engines_hold_frozen = True
         return {**result, "seconds": time.perf_counter() - t0}
