@@ -138,6 +138,7 @@ class VLLMEngine:
         finally:
             torch.set_num_threads = set_num_threads
         self.start_seconds = time.perf_counter() - t0
+        self.encodes_filled_frames_only = all(self.llm.collective_rpc("sari_encode_filled_frames_only"))
         self.tensor_parallel_size = tensor_parallel_size
         self.weight_version = 0
         self._rng = np.random.default_rng(seed)

@@ -172,6 +172,32 @@ class WeightSyncExtension:
             self.reload_weights(weights_iterator=log_filter.watch(tensors()), is_checkpoint_format=True)
         return count
 
+    def sari_encode_filled_frames_only(self) -> bool:
+        """Qwen2-Audio: run the audio encoder on the frames a batch's clips fill, not the whole 30 s window
+        (`policy.encode_filled_frames_only`, the learner does the same). False where the model is another
+        arch or this vLLM lays out its audio input differently (then the full window runs, as before)."""
+        import copy
+
+        import torch
+
+        from sari_ray.models.policy import encode_filled_frames_only, filled_frames
+
+        model = self.model_runner.get_model()
+        tower, process = getattr(model, "audio_tower", None), getattr(model, "_process_audio_input", None)
+        if type(tower).__name__ != "Qwen2AudioEncoder" or process is None:
+            return False
+        encode_filled_frames_only(tower)
+
+        def process_filled_frames(audio_input):
+            features = audio_input.get("input_features")
+            if isinstance(features, torch.Tensor) and features.dim() == 3:  # (clips, mels, 3000), stacked
+                audio_input = copy.copy(audio_input)
+                audio_input.input_features = filled_frames(features, audio_input.get("feature_attention_mask"))
+            return process(audio_input)
+
+        model._process_audio_input = process_filled_frames
+        return True
+
     def sari_param_sums(self) -> dict[str, float]:
         """float64 sum of each parameter, keyed by vLLM's (fused, renamed) parameter names.
 

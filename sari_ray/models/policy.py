@@ -221,7 +221,9 @@ def audio_tower_states(model, features: "torch.Tensor", feature_mask: "torch.Ten
     from transformers.masking_utils import create_bidirectional_mask
 
     tower = model.model.audio_tower
+    encode_filled_frames_only(tower)
     feat_lens, out_lens = tower._get_feat_extract_output_lengths(feature_mask.sum(-1))
+    features = filled_frames(features, feature_mask)
     n, _, max_mel = features.shape
     max_len = (max_mel - 2) // 2 + 1
     mask_2d = (torch.arange(max_len, device=features.device)[None, :] < feat_lens[:, None]).long()
@@ -229,6 +231,52 @@ def audio_tower_states(model, features: "torch.Tensor", feature_mask: "torch.Ten
     attn = create_bidirectional_mask(config=tower.config, inputs_embeds=dummy, attention_mask=mask_2d)
     hidden = tower(features.to(tower.dtype), attention_mask=attn).last_hidden_state
     return [hidden[j, : int(out_lens[j])] for j in range(n)]
+
+
+def filled_frames(features: "torch.Tensor", feature_mask: "torch.Tensor") -> "torch.Tensor":
+    """Qwen2-Audio features (clips, mels, 3000) cut after the last mel frame any clip's outputs depend on.
+
+    A valid encoder position i reads frames 2i-2..2i+2 (two 3-wide convolutions, the second of stride 2), and
+    attention never reads padded positions (masked), so the frames past a batch's longest clip + 2 change
+    nothing. Needs `encode_filled_frames_only` on the tower."""
+    needed = int(feature_mask.sum(-1).max()) + 2
+    return features[..., : min(features.shape[-1], needed + needed % 2)]
+
+
+def encode_filled_frames_only(tower) -> None:
+    """Let Qwen2-Audio's encoder take fewer mel frames than its 30 s window (idempotent).
+
+    Why: the processor pads every clip to 30 s, and transformers' encoder refuses any other length, so a 1 s
+    clip paid for 1500 positions, ~97% of them padding that masked attention never reads; on small models
+    that was most of a learner step. The learner (`audio_tower_states`) and the vLLM rollout worker
+    (`vllm_worker_ext`) cut each batch at `filled_frames`. The same steps as `Qwen2AudioEncoder.forward`
+    (transformers 5.19) with position embeddings for as many positions as there are, installed on the
+    instance so that the tower's own hooks (ZeRO-3 parameter gathering, the learner's call counter) still
+    run. tests/unit/test_shared_audio.py compares it against transformers' own forward on the full window.
+    """
+    import types
+
+    import torch
+    from transformers.modeling_outputs import BaseModelOutput
+
+    if getattr(tower, "encodes_filled_frames_only", False):
+        return
+    if tower.layerdrop > 0:
+        raise NotImplementedError(f"audio tower with encoder_layerdrop={tower.layerdrop}: Qwen2-Audio's is 0")
+
+    def forward(self, input_features, attention_mask=None, **kwargs):
+        gelu = torch.nn.functional.gelu
+        x = gelu(self.conv1(input_features.to(dtype=self.conv1.weight.dtype, device=self.conv1.weight.device)))
+        x = gelu(self.conv2(x)).permute(0, 2, 1)
+        hidden = x + self.embed_positions.weight[: x.shape[1]]
+        hidden = torch.nn.functional.dropout(hidden, p=self.dropout, training=self.training)
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask, **kwargs)
+        hidden = self.avg_pooler(hidden.permute(0, 2, 1)).permute(0, 2, 1)
+        return BaseModelOutput(last_hidden_state=self.layer_norm(hidden))
+
+    tower.forward = types.MethodType(forward, tower)
+    tower.encodes_filled_frames_only = True
 
 
 def tower_states_in_chunks(model, features: "torch.Tensor", feature_mask: "torch.Tensor", chunk: int

@@ -124,3 +124,32 @@ def test_prompt_audio_cache_extracts_once_per_clip_and_prompt_and_stays_bounded(
     assert file_identity(paths[2]) != before
     with pytest.raises(AudioDecodeError, match="missing.wav"):
         file_identity(tmp_path / "missing.wav")
+
+
+@pytest.mark.parametrize("seconds", [[0.3, 1.5, 0.05], [2.0, 30.0, 29.99]], ids=["short", "full-window"])
+def test_tower_on_filled_frames_gives_the_full_window_outputs(tiny_qwen2_audio, seconds):
+    """Qwen2-Audio's encoder runs on the frames the batch's clips fill (`audio_tower_states`), not the whole 30 s
+    window, and every clip's outputs are those of transformers' own encoder on the full padded window."""
+    from transformers.masking_utils import create_bidirectional_mask
+
+    model, processor = policy.load_policy(tiny_qwen2_audio)
+    tower = policy.audio_tower(model)
+    encoded = [policy.encode_prompt_audio(processor, "<|audio_bos|><|AUDIO|><|audio_eos|>Hi?", _tone(300 + 97 * i, s))
+               for i, s in enumerate(seconds)]
+    features = torch.stack([e["input_features"] for e in encoded])
+    mask = torch.stack([e["feature_attention_mask"] for e in encoded])
+    assert features.shape[-1] == 3000  # the processor pads to the window
+    feat_lens, out_lens = tower._get_feat_extract_output_lengths(mask.sum(-1))
+    mask_2d = (torch.arange(1500)[None, :] < feat_lens[:, None]).long()
+    attn = create_bidirectional_mask(config=tower.config, inputs_embeds=torch.zeros(len(seconds), 1500, 1),
+                                     attention_mask=mask_2d)
+    with torch.no_grad():
+        full = type(tower).forward(tower, features, attention_mask=attn).last_hidden_state  # transformers' own
+        frames_in = []
+        tower.register_forward_hook(lambda _m, args, kwargs, _o: frames_in.append(args[0].shape[-1]), with_kwargs=True)
+        states = policy.audio_tower_states(model, features, mask)
+
+    assert frames_in == [min(3000, int(mask.sum(-1).max()) + 2)]  # 0.3-1.5 s: 152 frames, not 3000
+    for j, state in enumerate(states):
+        assert state.shape[0] == int(out_lens[j]) > 0
+        torch.testing.assert_close(state, full[j, : int(out_lens[j])], rtol=1e-5, atol=1e-5)
