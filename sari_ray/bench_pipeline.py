@@ -1,5 +1,5 @@
 """`sari-ray bench pipeline`: the same short GRPO run twice on this machine, synchronous (rollout.max_staleness=0)
-then asynchronous (1), and their throughput per wall-second of a whole step.
+then asynchronous (1): their throughput per wall-second of a whole step, and the peak memory (PSS) of each run.
 
 Tiny random Qwen2-Audio, synthetic data, no SFT, G=4, 64-token completions, 1 rollout worker + 1 learner with one
 thread each: real Ray, vLLM and DeepSpeed, as `sari-ray train` runs them. Random weights are fine for timing.
@@ -44,11 +44,16 @@ def pipeline_benchmark(steps: int = 20, warmup: int = 2, workdir: str | None = N
 
 
 def _timed_run(configs: list[str], overrides: list[str], warmup: int) -> dict[str, Any]:
-    """One run, step by step as `Trainer.fit` does it, timing the steps after the warm-up."""
+    """One run, step by step as `Trainer.fit` does it, timing the steps after the warm-up; and the peak memory of
+    the whole process tree (this driver, the local Ray cluster, its actors) from start to shutdown."""
     from sari_ray.config import load_config
+    from sari_ray.resources import PeakPSS
     from sari_ray.train import Trainer
 
     cfg = load_config(configs, overrides)
+    # one sample every 5 s: reading the tree's memory maps takes ~0.25 s of a core (20 processes), so finer
+    # sampling would slow the run it measures; the peak is the steady state (weights, KV cache) after start
+    peak = PeakPSS(interval_s=5.0).start()
     trainer = Trainer(cfg)
     try:
         trainer.sft()  # sft.steps=0: straight to GRPO
@@ -62,6 +67,7 @@ def _timed_run(configs: list[str], overrides: list[str], warmup: int) -> dict[st
         trainer.tracker.finish()
     finally:
         trainer.shutdown()
+        peak.stop()
     measured = per_step[warmup:]
     completions = len(measured) * cfg.grpo.prompts_per_step * cfg.grpo.num_generations
     tokens = sum(m["throughput/tokens_per_s"] * m["time/step"] for m in measured)
@@ -69,7 +75,7 @@ def _timed_run(configs: list[str], overrides: list[str], warmup: int) -> dict[st
     encoder = [m["learn/encoder_forwards_per_clip_per_pass"] for m in measured
                if "learn/encoder_forwards_per_clip_per_pass" in m]
     return {"completions_per_s": completions / wall, "tokens_per_s": tokens / wall, "step_s": wall / len(measured),
-            "steps": len(measured),
+            "steps": len(measured), "peak_pss_gib": peak.peak_bytes / 2**30,
             "phases": {k.removeprefix("time/"): statistics.fmean(m.get(k, 0.0) for m in measured) for k in phases},
             "rollout_busy_frac": statistics.fmean(m["time/rollout_busy_frac"] for m in measured),
             "learner_busy_frac": statistics.fmean(m["time/learner_busy_frac"] for m in measured),
@@ -96,7 +102,8 @@ def _run(args: argparse.Namespace) -> int:
         phases = ", ".join(f"{k} {v:.2f}" for k, v in r["phases"].items())
         print(f"{mode:5s}: {r['step_s']:.2f} s/step, {r['completions_per_s']:.1f} completions/s, "
               f"{r['tokens_per_s']:.0f} tokens/s, rollout busy {r['rollout_busy_frac']:.0%}, "
-              f"learner busy {r['learner_busy_frac']:.0%} (phases, s: {phases})")
+              f"learner busy {r['learner_busy_frac']:.0%}, peak memory {r['peak_pss_gib']:.2f} GiB PSS "
+              f"(phases, s: {phases})")
     print(f"speedup {result['speedup']:.2f}x; audio encoder forwards per clip per pass: "
           f"{result['encoder_forwards_per_clip_per_pass']}")
     if args.json:

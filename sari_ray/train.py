@@ -138,10 +138,8 @@ class Trainer:
         and optimizer (the reference model came with the learners' setup), the engines' weights as the version
         they were, the rollouts it kept in flight. What run.resume=true does at startup and a learner restart
         mid-run."""
-        import ray
-
         if self.state["curriculum"] is not None:
-            ray.get(self.curriculum.load_state_dict.remote(self.state["curriculum"]))
+            self._get(self.curriculum.load_state_dict.remote(self.state["curriculum"]))
         self.learners.call("load_checkpoint", str(checkpoint))
         # engines restart from the base model: give them the checkpoint's weights, as the version they were
         self.sync_weights(new_version=False)
@@ -433,11 +431,9 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Learners write into a staging directory; trainer_state.json last; then it is renamed into place, so a
         checkpoint is complete or absent (a failure mid-write leaves none). Rotation runs only after that."""
-        import ray
-
         s = self.state
         final = checkpoints.checkpoint_dir(self.out, s)
-        s["curriculum"] = ray.get(self.curriculum.state_dict.remote())
+        s["curriculum"] = self._get(self.curriculum.state_dict.remote())
         with checkpoints.staged(final, checkpoints.expected_bytes(self.out, self.model_path)) as staging:
             self.learners.call("save_checkpoint", str(staging))
             checkpoints.write_json(staging / checkpoints.IN_FLIGHT_FILE, self.pipeline.in_flight_state())

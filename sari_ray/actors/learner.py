@@ -28,12 +28,16 @@ class LearnerActor:
     def grpo_step(self, records, learning_rate):
         return self.learner.grpo_step(records, learning_rate)
 
-    def export_weight_bucket_refs(self, bucket_bytes: int, include_frozen: bool = True) -> list:
-        """Buckets go into the object store as each fills; only their refs travel to the driver. Call on every
-        rank (ZeRO-3 gathers are collectives); rank 0 returns the refs, the others []."""
+    def export_weight_bucket_refs(self, bucket_bytes: int, include_frozen: bool = True) -> tuple[list, int]:
+        """Buckets go into the object store as each fills; only their refs travel to the driver, with their total
+        size. Call on every rank (ZeRO-3 gathers are collectives); rank 0 returns the refs, the others ([], 0)."""
         import ray
 
-        return [ray.put(bucket) for bucket in self.learner.export_weight_buckets(bucket_bytes, include_frozen)]
+        refs, nbytes = [], 0
+        for bucket in self.learner.export_weight_buckets(bucket_bytes, include_frozen):
+            refs.append(ray.put(bucket))
+            nbytes += len(bucket)
+        return refs, nbytes
 
     def weight_sync_plan(self, bucket_bytes: int, include_frozen: bool = True) -> list:
         return self.learner.weight_sync_plan(bucket_bytes, include_frozen)

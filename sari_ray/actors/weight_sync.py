@@ -34,7 +34,7 @@ class WeightSync:
         self.bucket_bytes, self.timeout_s = bucket_bytes, timeout_s
         self.engines_hold_frozen = False  # the first sync ships everything
         self.fallbacks = 0  # collective syncs redone through the object store
-        rollout.export_refs = lambda: self._export_refs(include_frozen=True)
+        rollout.export_refs = lambda: self._export_refs(include_frozen=True)[0]
 
     def setup(self) -> None:
         """Form the collective group (startup; again after a worker restart)."""
@@ -49,14 +49,15 @@ class WeightSync:
         if self.backend == "collective":
             result = self._broadcast(version, include_frozen)
         else:
-            refs = self._export_refs(include_frozen)
-            loaded = self.rollout.load_weights(refs, version, wait=wait)
-            result = {"bytes": float(loaded[0]["bytes"]) if loaded else float("nan"), "buckets": len(refs)}
+            refs, nbytes = self._export_refs(include_frozen)
+            self.rollout.load_weights(refs, version, wait=wait)
+            result = {"bytes": float(nbytes), "buckets": len(refs)}
         self.engines_hold_frozen = True
         return {**result, "seconds": time.perf_counter() - t0}
 
-    def _export_refs(self, include_frozen: bool) -> list:
-        return self.learners.call("export_weight_bucket_refs", self.bucket_bytes, include_frozen)[0]
+    def _export_refs(self, include_frozen: bool) -> tuple[list, int]:
+        """(bucket refs, their bytes) from learner rank 0."""
+        return tuple(self.learners.call("export_weight_bucket_refs", self.bucket_bytes, include_frozen)[0])
 
     def _form_group(self) -> None:
         workers = self.rollout.actors
@@ -86,6 +87,7 @@ class WeightSync:
             # store (the rollout group restarts a dead worker), and re-form the group before the next one.
             self.fallbacks += 1
             self.rollout.sync_group_stale = True
-            refs = self._export_refs(include_frozen=True)
-            return {"bytes": float(self.rollout.load_weights(refs, version)[0]["bytes"]), "buckets": len(refs)}
+            refs, nbytes = self._export_refs(include_frozen=True)
+            self.rollout.load_weights(refs, version)
+            return {"bytes": float(nbytes), "buckets": len(refs)}
         return {"bytes": float(sent), "buckets": len(plan)}

@@ -17,13 +17,16 @@ class _FrozenEncoderFilter(logging.Filter):
     """A sync that leaves out the frozen audio encoder (`learner.train_audio_encoder: false`) makes vLLM warn once
     per encoder layer it did not get (~200 lines per sync at 7B), naming only the layer class. While no encoder
     tensor has arrived, drop those, and drop the encoder's names from the list of weights not loaded: any other
-    name there is still reported."""
+    name there is still reported. Rotary embeddings are dropped always: their cos/sin cache is derived, never
+    in a checkpoint, and vLLM keeps the one it has (one warning per sync otherwise)."""
 
     def __init__(self):
         super().__init__()
         self.encoder_received = False
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if "Failed to load weights" in str(record.msg) and str((record.args or ("",))[0]).endswith("RotaryEmbedding"):
+            return False
         if self.encoder_received:
             return True
         if "Failed to load weights" in str(record.msg):

@@ -164,5 +164,6 @@ def test_warnings_about_a_left_out_frozen_encoder_are_dropped_and_only_those(cap
     with caplog.at_level(logging.WARNING), _frozen_encoder_filter() as log_filter:
         list(log_filter.watch([("audio_tower.conv1.weight", 0)]))  # the encoder came: warnings are real ones
         layerwise.warning("%s: Failed to load weights", "Linear")
+        layerwise.warning("%s: Failed to load weights", "RotaryEmbedding")  # a derived cache: never loaded
     assert [r.getMessage() for r in caplog.records] == ["Linear: Failed to load weights"]
     assert not layerwise.filters and not inplace.filters  # removed after the reload
