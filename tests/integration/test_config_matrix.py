@@ -87,6 +87,9 @@ def test_sari_qwen2_audio_zero3_bf16_sft_then_grpo(sari_qwen2):
     assert sorted(forwards) == [1, 2, 3] and set(forwards.values()) == {1.0}, forwards
     state = json.loads((run["out"] / "checkpoints" / "step_000003" / "trainer_state.json").read_text())
     assert state["reference_model"].endswith("step_000000/model")
+    # asynchronous as shipped (rollout.max_staleness: 1): step 1 samples with the SFT weights, later steps one behind
+    assert run["config"].rollout.max_staleness == 1
+    assert run["history"]("rollout/staleness_max") == {1: 0, 2: 1, 3: 1}
 
 
 def test_sari_qwen2_5_omni(tmp_path, tiny_qwen2_5_omni, synth_data):
@@ -96,11 +99,13 @@ def test_sari_qwen2_5_omni(tmp_path, tiny_qwen2_5_omni, synth_data):
     assert run["history"]("policy/kl")[1] < 1e-6
 
 
-def test_r1_aqa_no_sft(tmp_path, tiny_qwen2_audio, synth_data):
-    run = train(tmp_path / "r1-aqa", [R1_AQA], tiny_qwen2_audio, synth_data)
+def test_r1_aqa_no_sft_synchronous(tmp_path, tiny_qwen2_audio, synth_data):
+    """Also the synchronous loop (rollout.max_staleness=0; the shipped configs run asynchronous)."""
+    run = train(tmp_path / "r1-aqa", [R1_AQA], tiny_qwen2_audio, synth_data, "rollout.max_staleness=0")
     assert_complete(run)
     assert_algorithm_kept(run, R1_AQA)
     assert run["summary"]["sft_steps"] == 0 and not (run["out"] / "checkpoints" / "step_000000").exists()
+    assert set(run["history"]("rollout/staleness_max").values()) == {0}
 
 
 def test_ablation_overlay_with_two_updates_per_batch(tmp_path, tiny_qwen2_audio, synth_data):
