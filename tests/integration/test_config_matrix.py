@@ -69,7 +69,8 @@ def assert_algorithm_kept(run: dict, base: str) -> None:
 
 @pytest.fixture(scope="module")
 def sari_qwen2(tmp_path_factory, tiny_qwen2_audio, synth_data):
-    return train(tmp_path_factory.mktemp("matrix") / "sari-qwen2", [SARI_QWEN2], tiny_qwen2_audio, synth_data)
+    return train(tmp_path_factory.mktemp("matrix") / "sari-qwen2", [SARI_QWEN2], tiny_qwen2_audio, synth_data,
+                 "checkpoint.every=2")  # step 2's checkpoint: the resume test below starts from it
 
 
 def test_sari_qwen2_audio_zero3_bf16_sft_then_grpo(sari_qwen2):
@@ -119,14 +120,21 @@ def test_ablation_overlay_with_two_updates_per_batch(tmp_path, tiny_qwen2_audio,
 
 def test_zero3_resume_of_one_step_serves_the_same_batches_and_weights(sari_qwen2, tmp_path, tiny_qwen2_audio,
                                                                       synth_data):
+    """The uninterrupted run, cut back to its step-2 checkpoint and resumed: step 3 trains on the rollouts that
+    checkpoint kept in flight (sampled one version behind, as in the uninterrupted run), so the ZeRO-3 weights
+    must come out bit for bit the same."""
+    import shutil
+
     from safetensors.torch import load_file
 
     out = tmp_path / "resumed"
-    first = train(out, [SARI_QWEN2], tiny_qwen2_audio, synth_data, "grpo.steps=2")
-    assert_complete(first, steps=2)
+    shutil.copytree(sari_qwen2["out"], out)
+    shutil.rmtree(out / "checkpoints" / "step_000003")
+    in_flight = json.loads((out / "checkpoints" / "step_000002" / "rollouts_in_flight.json").read_text())
+    assert [f["step"] for f in in_flight] == [3]
     resumed = train(out, [SARI_QWEN2], tiny_qwen2_audio, synth_data, "run.resume=true")
     assert_complete(resumed)
-    assert resumed["summary"]["mlflow_run_id"] == first["summary"]["mlflow_run_id"]
+    assert resumed["summary"]["mlflow_run_id"] == sari_qwen2["summary"]["mlflow_run_id"]
 
     def batches(run):
         return {row["step"]: row["ids"] for row in map(json.loads, (run["out"] / "batches.jsonl").open())}
