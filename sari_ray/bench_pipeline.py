@@ -53,21 +53,20 @@ def _timed_run(configs: list[str], overrides: list[str], warmup: int) -> dict[st
     cfg = load_config(configs, overrides)
     # one sample every 5 s: reading the tree's memory maps takes ~0.25 s of a core (20 processes), so finer
     # sampling would slow the run it measures; the peak is the steady state (weights, KV cache) after start
-    peak = PeakPSS(interval_s=5.0).start()
-    trainer = Trainer(cfg)
-    try:
-        trainer.sft()  # sft.steps=0: straight to GRPO
-        per_step, t0 = [], None
-        for step in range(1, cfg.grpo.steps + 1):
-            if step == warmup + 1:
-                t0 = time.perf_counter()
-            trainer.state["step"] = step
-            per_step.append(trainer.grpo_step(step))
-        wall = time.perf_counter() - t0
-        trainer.tracker.finish()
-    finally:
-        trainer.shutdown()
-        peak.stop()
+    with PeakPSS(interval_s=5.0) as peak:
+        trainer = Trainer(cfg)
+        try:
+            trainer.sft()  # sft.steps=0: straight to GRPO
+            per_step, t0 = [], None
+            for step in range(1, cfg.grpo.steps + 1):
+                if step == warmup + 1:
+                    t0 = time.perf_counter()
+                trainer.state["step"] = step
+                per_step.append(trainer.grpo_step(step))
+            wall = time.perf_counter() - t0
+            trainer.tracker.finish()
+        finally:
+            trainer.shutdown()
     measured = per_step[warmup:]
     completions = len(measured) * cfg.grpo.prompts_per_step * cfg.grpo.num_generations
     tokens = sum(m["throughput/tokens_per_s"] * m["time/step"] for m in measured)

@@ -25,11 +25,12 @@ class _FrozenEncoderFilter(logging.Filter):
         self.encoder_received = False
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if "Failed to load weights" in str(record.msg) and str((record.args or ("",))[0]).endswith("RotaryEmbedding"):
+        failed_load = "Failed to load weights" in str(record.msg)
+        if failed_load and str((record.args or ("",))[0]).endswith("RotaryEmbedding"):
             return False
         if self.encoder_received:
             return True
-        if "Failed to load weights" in str(record.msg):
+        if failed_load:
             return False
         if "were not loaded" in str(record.msg) and record.args and isinstance(record.args[0], (set, frozenset)):
             rest = {n for n in record.args[0] if "audio_tower." not in n}

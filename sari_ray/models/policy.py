@@ -261,8 +261,6 @@ def encode_filled_frames_only(tower) -> None:
 
     if getattr(tower, "encodes_filled_frames_only", False):
         return
-    if tower.layerdrop > 0:
-        raise NotImplementedError(f"audio tower with encoder_layerdrop={tower.layerdrop}: Qwen2-Audio's is 0")
 
     def forward(self, input_features, attention_mask=None, **kwargs):
         gelu = torch.nn.functional.gelu
@@ -271,6 +269,8 @@ def encode_filled_frames_only(tower) -> None:
         hidden = x + self.embed_positions.weight[: x.shape[1]]
         hidden = torch.nn.functional.dropout(hidden, p=self.dropout, training=self.training)
         for layer in self.layers:
+            if self.training and torch.rand([]) < self.layerdrop:  # LayerDrop, drawn as transformers draws it
+                continue
             hidden = layer(hidden, attention_mask, **kwargs)
         hidden = self.avg_pooler(hidden.permute(0, 2, 1)).permute(0, 2, 1)
         return BaseModelOutput(last_hidden_state=self.layer_norm(hidden))

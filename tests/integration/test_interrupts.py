@@ -147,11 +147,9 @@ def test_sigint_during_sft_then_resume(short_training_run, tmp_path, tiny_qwen2_
 
 def test_sigint_during_grpo_then_resume(short_training_run, tmp_path, tiny_qwen2_audio, synth_data):
     out = tmp_path / "run"
-    batches = out / "batches.jsonl"
     # SIGINT after GRPO step 1; the resumed driver is SIGKILLed after a step of its own (mid-run, a step in
     # flight); the second resume goes on from the last complete checkpoint
-    result = run_interrupted_then_resumed(out, tiny_qwen2_audio, synth_data,
-                                          lambda o: batches.exists() and batches.read_text().count("\n") >= 1,
+    result = run_interrupted_then_resumed(out, tiny_qwen2_audio, synth_data, lambda o: batch_lines(o) >= 1,
                                           sigkill_resumed=True)
     stopped = result["checkpoints_at_interrupt"][-1]
     assert stopped.startswith("step_") and stopped != "step_000004", result["checkpoints_at_interrupt"]
