@@ -58,9 +58,11 @@ def synthetic_batch(config, *, prompts: int, num_generations: int, prompt_text_l
     """A GRPO batch in the layout `policy.build_batch` produces: `prompts` clips, G completions each."""
     import torch
 
-    frames = 3000  # Qwen2-Audio's feature extractor pads every clip to 30 s
-    valid = int(audio_seconds * 100)
-    audio_tokens = ((valid - 1) // 2 + 1 - 2) // 2 + 1
+    from sari_ray.config import audio_tokens as tokens_of, mel_frames
+
+    frames = mel_frames(30.0)  # Qwen2-Audio's feature extractor pads every clip to 30 s
+    valid = mel_frames(audio_seconds)
+    audio_tokens = tokens_of(audio_seconds)
     rows = prompts * num_generations
     P = prompt_text_len + audio_tokens
     vocab = config.text_config.vocab_size

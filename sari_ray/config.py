@@ -308,10 +308,17 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 RAY_RESERVED_RESOURCES = ("CPU", "GPU")  # Ray rejects these in `resources` (they are num_cpus / num_gpus)
 
 
+def mel_frames(seconds: float) -> int:
+    """Mel frames the feature extractor marks as real for a clip of `seconds` (100 per second, hop 160 at 16 kHz;
+    the window holds 30 s: 3000 frames)."""
+    return math.ceil(min(seconds, 30.0) * 100)
+
+
 def audio_tokens(seconds: float) -> int:
-    """Prompt tokens of one clip of `seconds` (Qwen2-Audio and the Qwen2.5-Omni thinker: 100 mel frames/s,
-    two stride-2 stages: 25 per second, 750 at 30 s). Clips beyond 30 s are counted as 30 s (a lower bound)."""
-    frames = math.ceil(min(seconds, 30.0) * 100)
+    """Prompt tokens of one clip of `seconds` (Qwen2-Audio and the Qwen2.5-Omni thinker: two stride-2 stages over
+    the mel frames, 25 tokens per second, 750 at 30 s). Clips beyond 30 s are counted as 30 s (a lower bound).
+    The one place this formula lives."""
+    frames = mel_frames(seconds)
     return max(0, ((frames - 1) // 2 + 1 - 2) // 2 + 1)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from statistics import fmean, pstdev
+from typing import Any
 
 
 def rollout_metrics(scores: list[dict], lengths: list[int], truncated: list[bool],
@@ -42,6 +43,57 @@ def throughput(completions: int, tokens: int, step_s: float, timings: dict[str, 
             "rollout/completions_per_s": completions / rollout_s, "rollout/tokens_per_s": tokens / rollout_s,
             "time/rollout_busy_frac": min(generate_s / step_s, 1.0),
             "time/learner_busy_frac": (timings.get("time/learn", 0.0) + timings.get("time/sync", 0.0)) / step_s}
+
+
+def grpo_step_metrics(completions: list[dict], scores: list[dict], truncated: list[bool], tiers: list[int],
+                      num_generations: int, step_s: float, timings: dict[str, float], sync: dict[str, float],
+                      weight_version: int, extra: dict[str, float]) -> dict[str, float]:
+    """What one GRPO step logs: rewards and lengths (one entry per completion in completions / scores /
+    truncated / tiers), the group signal, throughput and phase timings, the weight sync and the completions'
+    staleness against `weight_version`; `extra` (learner, curriculum, fault counts) is merged in as is."""
+    staleness = [weight_version - c["weight_version"] for c in completions]
+    m = rollout_metrics(scores, [len(c["token_ids"]) for c in completions], truncated, tiers)
+    m.update(group_signal([sc["reward"] for sc in scores], num_generations))
+    m.update(extra)
+    m.update(timings)
+    m.update(throughput(len(completions), sum(len(c["token_ids"]) for c in completions), step_s, timings))
+    m.update({"sync/bytes": sync["bytes"], "sync/seconds": sync["seconds"], "rollout/weight_version": weight_version,
+              "rollout/staleness_mean": sum(staleness) / len(staleness), "rollout/staleness_max": max(staleness)})
+    return m
+
+
+def run_summary(state: dict[str, Any], seconds: float, final: dict[str, float],
+                final_items: dict[str, dict[str, bool]], eval_tier_of: dict[str, int]) -> dict[str, Any]:
+    """What a finished run reports (summary.json, the console's tables): steps, reward trend per tier stretch,
+    throughput, promotions, held-out accuracy after SFT and at the end, and what GRPO added per tier."""
+    curve = state["curve"]
+    return {"seconds": seconds, "grpo_steps": state["step"], "sft_steps": state["sft_step"],
+            "reward_by_tier": reward_trend_by_tier(curve),
+            "completions_per_s": mean_or_none([c[2] for c in curve]), "sync_seconds": mean_or_none([c[3] for c in curve]),
+            "promotions": state.get("promotions", []), "final_eval": final,
+            "after_sft_eval": next((h for h in state["history"] if h["step"] == 0), None),
+            "grpo_gain": grpo_gain(state.get("grpo_tiers", []), eval_tier_of, state.get("after_sft_items"), final_items)}
+
+
+def reward_trend_by_tier(curve: list[list]) -> list[dict[str, Any]]:
+    """Mean GRPO reward over the first and last quarter of each stretch of steps at one tier (a promotion
+    resets the reward level, so a whole-run trend would mix tiers). curve rows: [step, reward, ..., tier]."""
+    segments: list[list[list]] = []
+    for row in curve:
+        if not segments or segments[-1][-1][-1] != row[-1]:
+            segments.append([])
+        segments[-1].append(row)
+    trend = []
+    for rows in segments:
+        quarter = max(1, len(rows) // 4)
+        trend.append({"tier": rows[0][-1], "steps": [rows[0][0], rows[-1][0]],
+                      "first_quarter": mean_or_none([r[1] for r in rows[:quarter]]),
+                      "last_quarter": mean_or_none([r[1] for r in rows[-quarter:]])})
+    return trend
+
+
+def mean_or_none(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def per_sample_accuracy(sample_ids: list[str], scores: list[dict]) -> dict[str, float]:

@@ -13,8 +13,7 @@ from typing import Any, Callable
 
 import ray
 
-from sari_ray.actors.wiring import ActorGroup, StepTimeout, get_within
-from sari_ray.actors.wiring import first_line as _first_line
+from sari_ray.actors.group import ActorGroup, StepTimeout, first_line, get_all, get_within
 
 
 class RolloutWorkerLost(RuntimeError):
@@ -37,9 +36,10 @@ class RolloutGroup(ActorGroup):
         super().__init__(actors, "rollout worker", step_timeout_s)
         self.max_restarts, self.ready_timeout_s, self.on_restart = max_restarts, ready_timeout_s, on_restart
         self.restarts = [0] * len(actors)
-        self.weights: tuple[list, int] | None = None  # (bucket refs, version) of the last sync
+        self.synced_version: int | None = None  # the version of the last sync (None: none yet, base model)
         # the buckets of the last versions, kept alive so that a shard sent under one of them and re-issued after
-        # a restart runs on the same weights as before (rollout.max_staleness + 1 versions; the object store pays)
+        # a restart runs on the same weights as before (rollout.max_staleness + 1 versions; the object store pays).
+        # A collective sync keeps none: a worker that needs its version gets a fresh export (`export_refs`).
         self.keep_versions = keep_versions
         self.recent_weights: dict[int, list] = {}
         self.pids: dict[int, int] = {}  # worker index -> process id last seen (a new one means a restart)
@@ -55,7 +55,7 @@ class RolloutGroup(ActorGroup):
     def load_weights(self, bucket_refs: list, version: int, wait: bool = True) -> list[dict]:
         """Every worker reloads `bucket_refs` as `version` (remembered for workers restarted later). wait=False:
         each worker loads when its calls sent earlier are done (no barrier); the next `collect` checks the loads."""
-        self.weights = (bucket_refs, version)
+        self.synced_version = version
         self.recent_weights = {v: r for v, r in self.recent_weights.items() if v > version - self.keep_versions}
         self.recent_weights[version] = bucket_refs
         self.loads = self.submit_sharded("load_weights", [bucket_refs] * len(self), version)
@@ -65,7 +65,8 @@ class RolloutGroup(ActorGroup):
         """Collective sync: every worker receives the buckets `plan` lays out, by broadcast from learner rank 0,
         as `version` (`actors.weight_sync` waits on these with the broadcast). No buckets are kept for workers
         restarted later: they get a fresh export (`export_refs`)."""
-        self.weights = (None, version)
+        self.synced_version = version
+        self.recent_weights.pop(version, None)  # a re-delivered version: these weights, not older buckets
         return [actor.receive_weights.remote(plan, version) for actor in self.actors]
 
     def finish_loads(self) -> list[dict]:
@@ -99,7 +100,7 @@ class RolloutGroup(ActorGroup):
 
     @property
     def version(self) -> int:
-        return self.weights[1] if self.weights else 0
+        return self.synced_version or 0
 
     def _weights_at_least(self, result: list[dict], version: int) -> bool:
         """A worker that restarted between calls serves the base model (version 0): its answers say so."""
@@ -126,15 +127,15 @@ class RolloutGroup(ActorGroup):
                                       f"(cluster.step_timeout_s; the last complete checkpoint stays, resume with "
                                       f"run.resume=true). Check its log for what it waits on.") from None
                 except ray.exceptions.RayActorError as err:  # the worker process died (signal, OOM, node loss)
-                    self._recover(i, _first_line(err), died=True)
+                    self._recover(i, first_line(err), died=True)
                 except ray.exceptions.RayTaskError as err:  # the worker lives but its engine failed
-                    self._recover(i, _first_line(err), died=False)
+                    self._recover(i, first_line(err), died=False)
                 if version is not None and version != self.version and version in self.recent_weights:
-                    ray.get(self.actors[i].load_weights.remote(self.recent_weights[version], version))
+                    self._reload(i, version)
                     behind.add(i)  # re-issued on the weights it was sent under (async): the same completions
                 refs[i] = make(self.actors[i])
         for i in behind:  # back to the newest weights for the calls that follow
-            self._resync(i)
+            self._reload(i, self.version)
         return [out[i] for i, _ in calls]
 
     def _recover(self, index: int, cause: str, died: bool) -> None:
@@ -157,8 +158,8 @@ class RolloutGroup(ActorGroup):
             self.restarts[index] += 1
             if self.restarts[index] > self.max_restarts:
                 raise self._lost(index, self.restarts[index], cause)
-        if self.weights is not None:
-            self._resync(index)
+        if self.synced_version is not None:
+            self._reload(index, self.synced_version)
         if not restarted:
             return  # one death fails every call then in flight to the worker: counted once
         self.on_restart(index, cause, time.monotonic() - t0)
@@ -167,14 +168,18 @@ class RolloutGroup(ActorGroup):
         return RolloutWorkerLost(f"rollout worker {index} failed {failures} times "
                                  f"(rollout.max_restarts={self.max_restarts}); last cause: {cause}")
 
-    def _resync(self, index: int) -> None:
-        """A restarted worker gets the current weights through the object store: the last sync's buckets, or
-        after a collective sync (none kept) a fresh export; it is then outside the sync group (re-formed later)."""
-        refs, version = self.weights
+    def _reload(self, index: int, version: int) -> None:
+        """One worker loads `version` through the object store, within the step deadline: the buckets kept for
+        it, or for the current version after a collective sync (none kept) a fresh export, after which the
+        worker is outside the sync group (re-formed before the next broadcast). The one path by which a single
+        worker is given weights: after its restart, to re-run a shard on the weights it was sent under, and
+        back to the newest after that."""
+        refs = self.recent_weights.get(version)
         if refs is None:
             refs = self.export_refs()
             self.sync_group_stale = True
-        ray.get(self.actors[index].load_weights.remote(refs, version))
+        get_all([self.actors[index].load_weights.remote(refs, version)], self.timeout_s, self.role, "load_weights",
+                [index])
 
     def _wait_until_back(self, index: int) -> None:
         """Calls fail with ActorUnavailableError while Ray restarts the worker; retry until it answers."""
@@ -191,5 +196,5 @@ class RolloutGroup(ActorGroup):
                     raise
                 time.sleep(0.5)
             except ray.exceptions.ActorDiedError as err:  # Ray gave up on it (its own max_restarts)
-                raise RolloutWorkerLost(f"rollout worker {index} could not be restarted: {_first_line(err)}") from None
+                raise RolloutWorkerLost(f"rollout worker {index} could not be restarted: {first_line(err)}") from None
 

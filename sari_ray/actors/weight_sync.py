@@ -21,7 +21,7 @@ from itertools import accumulate
 
 import ray
 
-from sari_ray.actors.wiring import ActorGroup, get_within
+from sari_ray.actors.group import ActorGroup, get_within
 
 BACKENDS = ("object_store", "collective")
 

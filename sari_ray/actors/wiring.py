@@ -1,4 +1,5 @@
-"""Where plain classes become Ray actors, with resources from the config, and the one fan-out helper."""
+"""Where plain classes become Ray actors, with resources from the config: the cluster the run attaches to (or
+starts), every actor group, and the weight sync between them. Nothing in `actors/` imports this module."""
 from __future__ import annotations
 
 import time
@@ -6,114 +7,43 @@ from typing import Any
 
 import ray
 
-from sari_ray.actors.errors import ActorDied, StepTimeout
+from sari_ray.actors.group import ActorGroup, SetupTimeout, get_all, get_within
 from sari_ray.actors.learner import LearnerActor
 from sari_ray.actors.reward import RewardScorer
 from sari_ray.actors.rollout import RolloutWorker
-from sari_ray.config import actor_resources, step_timeout_s
+from sari_ray.actors.rollout_group import RolloutGroup
+from sari_ray.actors.weight_sync import WeightSync
+from sari_ray.config import actor_resources, grpo_settings, step_timeout_s
 from sari_ray.curriculum import CurriculumScheduler
 
 
-PEER_DEATH_GRACE_S = 10.0  # an error on one rank may be its collective losing a dead peer: look for that death
+def connect(cfg):
+    """Attach to the cluster the config or the job names, else start a local one whose processes die with this
+    driver, SIGKILL included (returns its reaper; None when attached). Already connected: nothing to do."""
+    if ray.is_initialized():
+        return None
+    init_kwargs = ray_init_kwargs(cfg)
+    if init_kwargs["address"] != "local":
+        ray.init(**init_kwargs)
+        return None
+    from sari_ray.deploy.local_ray import start_local_cluster
+
+    return start_local_cluster(init_kwargs)
 
 
-def get_all(refs: list, seconds: float | None, role: str, phase: str, ranks: list[int] | None = None) -> list:
-    """ray.get of one call per actor that fails fast and names the actor: a rank that died raises `ActorDied`
-    at once, even while the others wait forever in a collective with it; an error on a live rank that follows a
-    peer's death (gloo: connection closed) is reported as that death; nothing within `seconds` (None: no
-    deadline) raises `StepTimeout` naming the ranks still running."""
-    ranks = list(range(len(refs))) if ranks is None else ranks
-    rank_of = {ref: rank for ref, rank in zip(refs, ranks)}
-    results: dict[int, Any] = {}
-    pending = list(refs)
-    deadline = None if seconds is None else time.monotonic() + seconds
-    while pending:
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        ready, pending = ray.wait(pending, num_returns=1, timeout=left)
-        if not ready:
-            late = sorted(rank_of[r] for r in pending)
-            raise StepTimeout(f"{role} rank(s) {late} did not finish {phase} within {seconds:.0f} s "
-                              f"(cluster.step_timeout_s; the last complete checkpoint stays, resume with "
-                              f"run.resume=true). Check those actors' logs for what they wait on.")
-        try:
-            results[rank_of[ready[0]]] = ray.get(ready[0])
-        except ray.exceptions.RayActorError as err:
-            raise ActorDied(role, rank_of[ready[0]], phase, first_line(err)) from None
-        except ray.exceptions.RayTaskError:
-            _raise_peer_death(pending, rank_of, role, phase)
-            raise
-    return [results[rank] for rank in ranks]
+def ray_init_kwargs(cfg) -> dict[str, Any]:
+    """Attach to a cluster if one is named (or we run inside a submitted job), else start a local one whose
+    custom resources cover the configured actors, bound to 127.0.0.1."""
+    import os
 
+    if cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
+        return {"address": cfg.cluster.address or os.environ["RAY_ADDRESS"], "log_to_driver": True}
+    from sari_ray.deploy.local_ray import local_cluster_kwargs
 
-def _raise_peer_death(pending: list, rank_of: dict, role: str, phase: str) -> None:
-    """If another rank of the call died, that is the cause to report (the error at hand followed from it)."""
-    deadline = time.monotonic() + PEER_DEATH_GRACE_S
-    while pending and time.monotonic() < deadline:
-        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-        for ref in ready:
-            try:
-                ray.get(ref)
-            except ray.exceptions.RayActorError as err:
-                raise ActorDied(role, rank_of[ref], phase, first_line(err)) from None
-            except ray.exceptions.RayTaskError:
-                pass
-
-
-def first_line(err: Exception) -> str:
-    """The cause Ray reports (signal, OOM, exception text), without the stack."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    useful = [line for line in lines if any(k in line for k in ("SIGKILL", "OOM", "memory", "signal", "died",
-                                                                "Error", "exit"))]
-    return (useful or lines or [type(err).__name__])[0][:500]
-
-
-class ActorGroup:
-    """N actors of one role; `*_refs` methods return ObjectRefs, the others wait: within `timeout_s` (the
-    per-step deadline, None: none) and failing fast with `ActorDied` naming the rank that died."""
-
-    def __init__(self, actors: list, role: str = "actor", timeout_s: float | None = None):
-        self.actors, self.role, self.timeout_s = actors, role, timeout_s
-
-    def __len__(self) -> int:
-        return len(self.actors)
-
-    def call_refs(self, method: str, *args, **kwargs) -> list:
-        return [getattr(actor, method).remote(*args, **kwargs) for actor in self.actors]
-
-    def call(self, method: str, *args, **kwargs) -> list:
-        return self.get(self.call_refs(method, *args, **kwargs), method)
-
-    def call_sharded(self, method: str, shards: list, *args, **kwargs) -> list:
-        """One shard per actor (shards of an empty list are skipped for the rollout side)."""
-        calls = [(rank, getattr(actor, method).remote(shard, *args, **kwargs))
-                 for rank, (actor, shard) in enumerate(zip(self.actors, shards)) if shard]
-        return get_all([ref for _, ref in calls], self.timeout_s, self.role, method, [rank for rank, _ in calls])
-
-    def get(self, refs: list, phase: str) -> list:
-        """Results of one call per actor (refs in rank order), within the group's deadline."""
-        return get_all(refs, self.timeout_s, self.role, phase)
-
-    def kill(self) -> None:
-        """End every actor now, those blocked in a collective with a dead peer included (they never return)."""
-        for actor in self.actors:
-            try:
-                ray.kill(actor, no_restart=True)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
-
-
-class SetupTimeout(TimeoutError):
-    """Actors could not be placed or did not come up in time (a TimeoutError, so the CLI reports it as a
-    user-facing error: the message says what is missing and the fix)."""
-
-
-def get_within(refs: list, seconds: float, what: str, hint: str = "") -> list:
-    """ray.get with a deadline whose error names the group and the phase (a hung setup otherwise holds its
-    CPUs / GPUs forever: a RayJob has no deadline of its own)."""
-    try:
-        return ray.get(refs, timeout=seconds)
-    except ray.exceptions.GetTimeoutError:
-        raise SetupTimeout(f"{what} did not finish within {seconds:.0f} s (cluster.setup_timeout_s). {hint}".strip()) from None
+    need = actor_resources(cfg)
+    custom = {name: amount for name, amount in need.items() if name not in ("CPU", "GPU")}
+    # a fresh single-node cluster, every Ray process bound to 127.0.0.1 (see sari_ray/deploy/local_ray.py)
+    return {**local_cluster_kwargs(cfg.cluster.num_cpus or need.get("CPU", 0.0), custom), "log_to_driver": True}
 
 
 def actor_env(cfg) -> dict[str, str]:
@@ -144,8 +74,6 @@ def missing_resources(need: dict[str, float], offered: dict[str, float]) -> dict
 def wait_for_resources(cfg, poll_s: float = 2.0) -> None:
     """Fail within `cluster.resource_wait_s` when the cluster does not offer what the actors ask for, instead of
     pending forever (a RayJob has no deadline). The wait leaves an autoscaler time to add nodes."""
-    import time
-
     need = actor_resources(cfg)
     deadline = time.monotonic() + cfg.cluster.resource_wait_s
     while True:
@@ -164,15 +92,36 @@ def wait_for_resources(cfg, poll_s: float = 2.0) -> None:
             f"`sari-ray deploy kuberay`), or change rollout.resources / learner.resources and the worker counts.")
 
 
-def start_rollout_workers(cfg, model_path: str, engine_kwargs: dict[str, Any], on_restart=None):
-    """A RolloutGroup: Ray restarts a dead worker up to `rollout.max_restarts` times; the group re-syncs it."""
-    from sari_ray.actors.rollout_group import RolloutGroup
+def engine_kwargs(cfg) -> dict[str, Any]:
+    """A rollout worker's vLLM engine, from the config (its KV cache sized for its share of a step's batch)."""
+    r = cfg.rollout
+    return dict(seed=cfg.run.seed, max_model_len=r.max_model_len, dtype=cfg.model.dtype,
+                tensor_parallel_size=r.tensor_parallel_size, gpu_memory_utilization=r.gpu_memory_utilization,
+                kv_cache_memory_bytes=int(r.kv_cache_memory_gb * 2**30) if r.kv_cache_memory_gb else None,
+                enforce_eager=r.enforce_eager, device=cfg.run.device, max_num_batched_tokens=r.max_num_batched_tokens,
+                threads=cfg.cluster.torch_threads_per_actor,
+                kv_cache_sequences=-(-cfg.grpo.prompts_per_step * cfg.grpo.num_generations // r.num_workers))
 
+
+def learner_setup_kwargs(cfg, model_path: str, reference_path: str | None) -> dict[str, Any]:
+    """A DeepSpeed learner's setup, from the config (`reference_path`: the SFT model a resumed run's KL uses)."""
+    return dict(model_path=model_path, zero_stage=cfg.learner.zero_stage, dtype=cfg.model.dtype,
+                micro_batch_size=cfg.learner.micro_batch_size, gradient_clipping=cfg.learner.gradient_clipping,
+                weight_decay=cfg.learner.weight_decay, grpo_settings=grpo_settings(cfg),
+                temperature=cfg.rollout.temperature, seed=cfg.run.seed, device=cfg.run.device,
+                torch_threads=cfg.cluster.torch_threads_per_actor,
+                train_audio_encoder=cfg.learner.train_audio_encoder,
+                gradient_checkpointing=cfg.learner.gradient_checkpointing,
+                max_audio_seconds=cfg.data.max_audio_seconds, reference_path=reference_path)
+
+
+def start_rollout_workers(cfg, model_path: str, on_restart=None) -> RolloutGroup:
+    """A RolloutGroup: Ray restarts a dead worker up to `rollout.max_restarts` times; the group re-syncs it."""
     remote = ray.remote(RolloutWorker).options(
         num_cpus=cfg.rollout.num_cpus_per_worker, num_gpus=cfg.rollout.num_gpus_per_worker,
         resources=dict(cfg.rollout.resources), runtime_env={"env_vars": actor_env(cfg)},
         max_restarts=cfg.rollout.max_restarts, max_task_retries=0)
-    actors = [remote.remote(model_path, engine_kwargs, cfg.data.max_audio_seconds)
+    actors = [remote.remote(model_path, engine_kwargs(cfg), cfg.data.max_audio_seconds)
               for _ in range(cfg.rollout.num_workers)]
     return RolloutGroup(actors, cfg.rollout.max_restarts, cfg.cluster.setup_timeout_s,
                         **({"on_restart": on_restart} if on_restart else {}), step_timeout_s=step_timeout_s(cfg),
@@ -198,8 +147,6 @@ def start_learners(cfg, setup_kwargs: dict[str, Any]) -> ActorGroup:
 
 def start_weight_sync(cfg, learners: ActorGroup, rollout):
     """Weights from learner rank 0 to the engines by `learner.sync_backend` (a collective group is formed here)."""
-    from sari_ray.actors.weight_sync import WeightSync
-
     sync = WeightSync(learners, rollout, backend=cfg.learner.sync_backend,
                       bucket_bytes=int(cfg.learner.sync_bucket_mb * 2**20), timeout_s=cfg.cluster.setup_timeout_s)
     sync.setup()
@@ -224,3 +171,16 @@ def start_curriculum(cfg, tiers: dict[str, int]):
         promote_threshold=cfg.curriculum.promote_threshold, min_steps_at_tier=cfg.curriculum.min_steps_at_tier,
         max_steps_at_tier=cfg.curriculum.max_steps_at_tier,
         replay_fraction=cfg.curriculum.replay_fraction, seed=cfg.run.seed)
+
+
+def shutdown(rollout) -> None:
+    """Engines first (vLLM's own processes), then Ray. Engines that do not stop within 2 min (after a hang, say)
+    are left to ray.shutdown, which ends their actors; a warning says so instead of hiding the run's error."""
+    import sys
+
+    try:
+        get_all(rollout.call_refs("shutdown"), 120.0, "rollout worker", "shutdown")
+    except Exception as err:  # noqa: BLE001 - the run's own error, if any, is the one to report
+        print(f"warning: rollout engines did not shut down cleanly ({err}); stopping Ray", file=sys.stderr)
+    finally:
+        ray.shutdown()

@@ -106,6 +106,10 @@ class Tracker:
     def log_text(self, text: str, name: str) -> None:
         self._submit("text", text, name)
 
+    def log_artifact(self, path: str | Path) -> None:
+        """A file the run wrote (the report picture), copied into the run's artifacts."""
+        self._submit("artifact", str(path))
+
     def log_table(self, rows: list[dict[str, Any]], name: str) -> None:
         """A table of sample completions (MLflow's table artifact: shows in the UI's evaluation view)."""
         columns = {key: [row.get(key) for row in rows] for key in (rows[0] if rows else {})}
@@ -273,6 +277,8 @@ def send_entry(client: Any, entry: dict[str, Any]) -> None:
         client.log_text(run_id, args[0], args[1])
     elif kind == "table":
         client.log_table(run_id, data=args[0], artifact_file=args[1])
+    elif kind == "artifact":
+        client.log_artifact(run_id, args[0])
     elif kind == "terminated":
         client.set_terminated(run_id, status=args[0])
     else:
@@ -328,3 +334,18 @@ if __name__ == "__main__":
     uri = (sys.argv[2] if len(sys.argv) == 3
            else os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(pending.parent))
     print(f"sent {send_pending(pending, uri)} entries to {uri}")
+
+
+def start_run_tracking(cfg, output_dir: Path, run_id: str | None) -> Tracker:
+    """A training run's MLflow run (a resumed run passes its `run_id` and continues it), with the config as
+    parameters and as a file."""
+    from omegaconf import OmegaConf
+
+    from sari_ray.config import to_flat_dict
+
+    t = cfg.tracking
+    tracker = Tracker(t.tracking_uri, t.experiment, output_dir, cfg.run.name, run_id,
+                      max_outage_s=t.max_outage_s, request_timeout_s=t.request_timeout_s)
+    tracker.log_params(to_flat_dict(cfg))
+    tracker.log_text(OmegaConf.to_yaml(cfg), "config.yaml")
+    return tracker

@@ -220,6 +220,21 @@ def _processor(arch: str, tok):
     )  # fmt: skip
 
 
+def prepare_model(cfg) -> str:
+    """The run's model directory: `model.path`, built here as a tiny random checkpoint when it is missing and
+    `model.build_tiny_if_missing` says so (the demo, the tests)."""
+    from sari_ray.config import ConfigError
+
+    path = Path(cfg.model.path)
+    if not path.exists():
+        if not cfg.model.build_tiny_if_missing:
+            raise ConfigError(f"model.path={path} does not exist (set model.build_tiny_if_missing=true for a tiny "
+                              f"random model, or run `sari-ray model tiny --arch qwen2-audio --out {path}`)")
+        arch = "qwen2-audio" if cfg.model.arch == "auto" else cfg.model.arch
+        build_tiny(arch, path, seed=cfg.run.seed)
+    return str(path.resolve())
+
+
 def build_tiny(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
     """Write a random-init checkpoint of `arch` to `out_dir` (deterministic for a seed); returns the path."""
     import torch

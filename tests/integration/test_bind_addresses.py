@@ -25,7 +25,7 @@ CHILD = r"""
 import json, os, sys
 import ray
 from sari_ray.config import load_config
-from sari_ray.train import ray_init_kwargs
+from sari_ray.actors.wiring import ray_init_kwargs
 
 cfg = load_config(sys.argv[1], ["cluster.num_cpus=4"])
 kwargs = ray_init_kwargs(cfg)

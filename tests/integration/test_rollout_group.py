@@ -95,8 +95,8 @@ class StandInRank:
 def test_a_dead_rank_is_named_at_once_the_blocked_ones_killed_and_hangs_time_out(ray_local):
     import time
 
-    from sari_ray.actors.errors import ActorDied, StepTimeout
-    from sari_ray.actors.wiring import ActorGroup
+    from sari_ray.actors.group import ActorDied, StepTimeout
+    from sari_ray.actors.group import ActorGroup
 
     remote = ray_local.remote(StandInRank).options(num_cpus=0)
     group = ActorGroup([remote.remote(), remote.remote()], "learner", timeout_s=600)
@@ -116,7 +116,7 @@ def test_a_dead_rank_is_named_at_once_the_blocked_ones_killed_and_hangs_time_out
 
 
 def test_a_rollout_call_past_its_deadline_names_the_worker_and_the_call(ray_local, tmp_path):
-    from sari_ray.actors.errors import StepTimeout
+    from sari_ray.actors.group import StepTimeout
     from sari_ray.actors.rollout_group import RolloutGroup
 
     actor = ray_local.remote(StandInRank).options(num_cpus=0).remote()

@@ -85,7 +85,7 @@ def test_expected_size_is_the_last_checkpoint_or_a_bound_from_the_model(tmp_path
 
 
 def test_a_failing_store_never_hides_the_runs_error(capsys):
-    from sari_ray.train import mark_failed
+    from sari_ray.stopping import mark_failed
 
     class FullStore:
         run_id = "r1"

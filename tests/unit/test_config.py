@@ -289,12 +289,13 @@ def test_train_fails_before_anything_starts(tmp_path, monkeypatch, capsys):
     """`sari-ray train configs/demo_cpu.yaml curriculum.promote_threshold=1.5`: exit 2 with the fix, and no
     data, model, tracking or Ray (the Trainer is never built; the run directory is never made)."""
     import sari_ray.train as train
+    from sari_ray.cli import main
 
     def never(*args, **kwargs):
         raise AssertionError("the Trainer started on a bad config")
 
     monkeypatch.setattr(train, "Trainer", never)
     out = tmp_path / "run"
-    assert train._cli([str(DEMO), "curriculum.promote_threshold=1.5", f"run.output_dir={out}"]) == 2
+    assert main(["train", str(DEMO), "curriculum.promote_threshold=1.5", f"run.output_dir={out}"]) == 2
     assert "curriculum.promote_threshold' = 1.5 is invalid: use a running accuracy in (0, 1]" in capsys.readouterr().err
     assert not out.exists()

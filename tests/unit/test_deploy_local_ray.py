@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from sari_ray.config import load_config
-from sari_ray.train import ray_init_kwargs
+from sari_ray.actors.wiring import ray_init_kwargs
 
 pytestmark = pytest.mark.unit
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo_cpu.yaml"

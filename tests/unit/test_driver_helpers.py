@@ -6,7 +6,7 @@ import pytest
 from sari_ray import metrics
 from sari_ray.batching import split_evenly
 from sari_ray.config import load_config
-from sari_ray.train import ray_init_kwargs
+from sari_ray.actors.wiring import ray_init_kwargs
 
 pytestmark = pytest.mark.unit
 
@@ -42,7 +42,7 @@ def test_local_cluster_offers_the_custom_resources_the_actors_request(monkeypatc
 
 
 def test_reward_trend_is_reported_per_tier_stretch():
-    from sari_ray.train import reward_trend_by_tier
+    from sari_ray.metrics import reward_trend_by_tier
 
     curve = [[1, 1.8, 0, 0, 0], [2, 1.9, 0, 0, 0], [3, 1.0, 0, 0, 1], [4, 1.2, 0, 0, 1], [5, 1.4, 0, 0, 1],
              [6, 1.6, 0, 0, 1]]

@@ -63,6 +63,9 @@ class FakeClient:
     def log_table(self, run_id, data, artifact_file):
         self._call("log_table", artifact_file)
 
+    def log_artifact(self, run_id, local_path):
+        self._call("log_artifact", local_path)
+
     def set_terminated(self, run_id, status):
         self._call("set_terminated", status)
 
@@ -188,3 +191,13 @@ def test_unreachable_at_start_is_a_clear_error_after_retries(tmp_path):
     with pytest.raises(ConnectionError, match="tracking.tracking_uri"):
         make(tmp_path, client=client, connect_retry_s=5)
     assert client.attempts >= 2
+
+
+def test_an_artifact_queued_through_an_outage_is_sent_once_the_store_is_back(tmp_path):
+    tracker, client, clock, _ = make(tmp_path)
+    client.down = True
+    tracker.log_artifact(tmp_path / "report.png")
+    assert ("log_artifact", str(tmp_path / "report.png")) not in client.calls and tracker.queued == 1
+    client.down, clock.now = False, 5.0
+    tracker.finish()
+    assert client.calls[-2:] == [("log_artifact", str(tmp_path / "report.png")), ("set_terminated", "FINISHED")]

@@ -130,14 +130,16 @@ def test_unknown_backend_names_the_valid_ones():
 
 
 def test_a_restarted_worker_after_a_collective_sync_gets_a_fresh_export(monkeypatch):
-    monkeypatch.setattr(rollout_group_lib.ray, "get", lambda refs, **_: refs)
+    monkeypatch.setattr(rollout_group_lib, "get_all", lambda refs, *_: refs)
     log = []
     group = rollout_group_lib.RolloutGroup([FakeWorker(log, 0, 1)], max_restarts=1, ready_timeout_s=1)
     group.export_refs = lambda: log.append("export") or ["fresh"]
-    group.weights = (None, 7)  # the last sync was a broadcast: no buckets kept
-    group._resync(0)
-    assert log == ["export", ("load", 0, ("fresh",), 7)] and group.sync_group_stale
+    group.receive_weights_refs([], 7)  # the last sync was a broadcast: no buckets kept
+    group._reload(0, group.version)
+    assert log[-2:] == ["export", ("load", 0, ("fresh",), 7)] and group.sync_group_stale
     log.clear()
-    group.weights, group.sync_group_stale = (["kept"], 8), False
-    group._resync(0)
+    group.sync_group_stale = False
+    group.load_weights(["kept"], 8, wait=False)
+    log.clear()
+    group._reload(0, group.version)
     assert log == [("load", 0, ("kept",), 8)] and not group.sync_group_stale

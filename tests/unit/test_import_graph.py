@@ -1,8 +1,9 @@
-"""The import cycle evaluate -> eval_sweep -> train -> actors/wiring -> actors/rollout -> evaluate is cut (issue 8),
-and `sari-ray eval` still offers both paths: one checkpoint (evaluate) and `--run` (eval_sweep).
+"""The package's import graph: no cycle anywhere, the actor-group plumbing below the wiring, the logic layer free
+of Ray, vLLM, DeepSpeed and MLflow; and `sari-ray eval` still offers both paths: one checkpoint (evaluate) and
+`--run` (eval_sweep).
 
-Imports are read from the source (lazy ones inside functions included), because the cycle was made of lazy
-imports that a plain `import` would never show.
+Imports are read from the source (lazy ones inside functions included), because cycles made of lazy imports
+are ones a plain `import` would never show.
 """
 from __future__ import annotations
 
@@ -49,6 +50,79 @@ def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
                 seen.add(nxt)
                 todo.append(nxt)
     return seen
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as [a, b, ..., a], or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(name: str) -> list[str] | None:
+        state[name] = 1
+        path.append(name)
+        for nxt in sorted(graph[name]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[name] = 2
+        path.pop()
+        return None
+
+    for name in sorted(graph):
+        if name not in state and (cycle := visit(name)):
+            return cycle
+    return None
+
+
+def test_the_package_has_no_import_cycle(graph):
+    graph = {name: deps - {name, "sari_ray"} for name, deps in graph.items()}  # the package itself is no edge
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_find_cycle_finds_one():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_actor_group_plumbing_imports_nothing_of_actors_and_nothing_imports_the_wiring_back(graph):
+    assert not {m for m in graph["sari_ray.actors.group"] if m.startswith("sari_ray.actors")}
+    upward = {name for name, deps in graph.items()
+              if name.startswith("sari_ray.actors.") and "sari_ray.actors.wiring" in deps}
+    assert upward == set(), f"modules of actors/ that import the wiring: {upward}"
+
+
+# Layer 1 (pure logic): no Ray, vLLM, DeepSpeed or MLflow, however deep the import goes.
+LOGIC_MODULES = ("sari_ray.data.schema", "sari_ray.data.validate", "sari_ray.prompts", "sari_ray.answers",
+                 "sari_ray.rewards", "sari_ray.curriculum", "sari_ray.grpo", "sari_ray.metrics", "sari_ray.records",
+                 "sari_ray.batching", "sari_ray.rollout_pipeline", "sari_ray.checkpoints", "sari_ray.eval_stats",
+                 "sari_ray.mmau", "sari_ray.config")
+ENGINE_PACKAGES = ("ray", "vllm", "deepspeed", "mlflow")
+
+
+def test_logic_layer_reaches_no_engine_package_in_the_source(graph):
+    """Every module the logic layer reaches, lazily or not, is read for imports of the engine packages."""
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    for name in LOGIC_MODULES:
+        for reached in {name} | reachable(graph, name):
+            heavy = {i.split(".")[0] for i in _all_imports(modules[reached])} & set(ENGINE_PACKAGES)
+            assert not heavy, f"{name} reaches {reached}, which imports {sorted(heavy)}"
+
+
+def _all_imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
+def test_logic_layer_imports_with_the_engine_packages_unimportable():
+    code = (f"import sys\nfor m in {ENGINE_PACKAGES!r}: sys.modules[m] = None\n"
+            + "".join(f"import {name}\n" for name in LOGIC_MODULES))
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_evaluate_imports_neither_eval_sweep_nor_train(graph):

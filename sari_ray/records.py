@@ -1,0 +1,44 @@
+"""A GRPO step's data on its way between the actors, as pure functions (no Ray): the rows sent to the rollout
+workers, and the learners' training records made from the rollouts and their rewards."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from sari_ray import grpo
+
+
+def rollout_rows(samples: list[dict], seed: int, step: int, num_generations: int) -> list[dict]:
+    """The batch's rows, each with the sampling seed of its first completion (`_seed`; completion k uses
+    `_seed + k`). A prompt's seeds follow its place in the batch, not the worker it goes to, so a batch gives the
+    same completions however many rollout workers share it."""
+    base = (seed * 1_000_003 + step) * 1_000_000
+    return [{**row, "_seed": base + i * num_generations} for i, row in enumerate(samples)]
+
+
+def is_truncated(completion: dict) -> bool:
+    """Cut off by max_tokens before it ended (neither right nor wrong: see grpo.mask_truncated)."""
+    return completion["finish_reason"] in grpo.TRUNCATED_FINISH_REASONS
+
+
+def training_records(rollouts: list[dict], scores: list[dict], audio_of: Mapping[str, str], num_generations: int,
+                     scale_rewards: bool, drop_uniform_groups: bool) -> list[dict]:
+    """One record per completion the learners train on: group-relative advantages over each prompt's
+    `num_generations` completions; groups whose rewards are all equal (no signal) dropped if asked.
+    rollouts: one per prompt, in batch order, with `completions`; scores: one per completion, in the same order;
+    audio_of: sample id -> audio path."""
+    g = num_generations
+    rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float32)
+    advantages = grpo.compute_advantages(rewards, g, scale_rewards=scale_rewards)
+    keep = ~grpo.uniform_group_mask(rewards, g) if drop_uniform_groups else torch.ones(len(rollouts), dtype=torch.bool)
+    records = []
+    for p, rollout in enumerate(rollouts):
+        if not keep[p]:
+            continue
+        for k, c in enumerate(rollout["completions"]):
+            records.append({"prompt": rollout["prompt"], "audio": audio_of[rollout["sample_id"]],
+                            "completion_ids": c["token_ids"], "sampling_logprobs": c["logprobs"],
+                            "advantage": float(advantages[p * g + k]),
+                            "truncated": is_truncated(c), "weight": 1.0})
+    return records

@@ -1,0 +1,82 @@
+"""The driver's state and its checkpoints: what a run starts from, what a checkpoint holds, and how the actors
+are put back to it. The files themselves (staging, atomic renames, rotation) are `checkpoints`'; this module
+talks to the actors through the trainer (learners write their part, the curriculum hands over its state).
+
+The state is one JSON-able dict, so a checkpoint's `trainer_state.json` is the whole driver: phase, SFT and GRPO
+step, weight version, MLflow run id, curriculum, data cursor (RNG, SFT order), history and per-step curve.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sari_ray import checkpoints
+from sari_ray.config import ConfigError
+
+
+def initial_state(seed: int) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    return {"phase": "sft", "sft_step": 0, "step": 0, "weight_version": 0, "mlflow_run_id": None,
+            "curriculum": None, "rng": rng.bit_generator.state, "sft_order": None, "history": [], "curve": []}
+
+
+def state_at(checkpoint: Path | None, seed: int) -> dict[str, Any]:
+    """The trainer state a checkpoint holds (the initial state without one)."""
+    if checkpoint is None:
+        return initial_state(seed)
+    return json.loads((checkpoint / checkpoints.STATE_FILE).read_text())
+
+
+def rng_of(state: dict[str, Any]) -> np.random.Generator:
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state["rng"]
+    return rng
+
+
+def open_run_dir(out: Path, resume: bool, console) -> Path | None:
+    """The checkpoint a run starts from (None: a fresh start). Removes staging directories an earlier run left
+    incomplete; refuses to start fresh over a run's checkpoints unless resumed."""
+    stale = checkpoints.drop_stale_staging(out)
+    if stale:
+        console.print(f"[yellow]removed {len(stale)} incomplete checkpoint(s) an earlier run left: "
+                      f"{', '.join(p.name for p in stale)}")
+    root = out / checkpoints.CHECKPOINTS
+    if not resume:
+        if root.exists() and any(root.iterdir()):
+            raise ConfigError(f"{out} already holds checkpoints; set run.resume=true to continue it "
+                              f"or choose another run.output_dir / run.name")
+        return None
+    checkpoint = checkpoints.latest_checkpoint(out)
+    if checkpoint is None:
+        console.print(f"[yellow]run.resume=true but no checkpoint in {root}; starting fresh")
+    return checkpoint
+
+
+def save(trainer) -> Path:
+    """Learners write into a staging directory; trainer_state.json last; then it is renamed into place, so a
+    checkpoint is complete or absent (a failure mid-write leaves none). Rotation runs only after that."""
+    state = trainer.state
+    final = checkpoints.checkpoint_dir(trainer.out, state)
+    state["curriculum"] = trainer.call_service(trainer.curriculum.state_dict.remote())
+    with checkpoints.staged(final, checkpoints.expected_bytes(trainer.out, trainer.model_path)) as staging:
+        trainer.learners.call("save_checkpoint", str(staging))
+        checkpoints.write_json(staging / checkpoints.IN_FLIGHT_FILE, trainer.pipeline.in_flight_state())
+        checkpoints.write_json(staging / checkpoints.STATE_FILE, state)
+    checkpoints.rotate(trainer.out, trainer.cfg.checkpoint.keep_last)
+    return final
+
+
+def restore(trainer, checkpoint: Path) -> None:
+    """Actors back to `checkpoint` (trainer.state already holds its state): curriculum and data cursor, learner
+    and optimizer (the reference model came with the learners' setup), the engines' weights as the version
+    they were, the rollouts it kept in flight. What run.resume=true does at startup and a learner restart
+    mid-run."""
+    if trainer.state["curriculum"] is not None:
+        trainer.call_service(trainer.curriculum.load_state_dict.remote(trainer.state["curriculum"]))
+    trainer.learners.call("load_checkpoint", str(checkpoint))
+    # engines restart from the base model: give them the checkpoint's weights, as the version they were
+    trainer.sync_weights(new_version=False)
+    trainer.pipeline.restore(checkpoints.read_in_flight(checkpoint))
