@@ -51,6 +51,8 @@ class ClusterConfig:
     setup_timeout_s: float = 1800.0  # deadline for actors to start (placement, model load, engine start)
     resource_wait_s: float = 300.0  # how long to wait for a cluster to offer the actors' resources (autoscaling)
     step_timeout_s: float | None = None  # deadline of each per-step remote call; None: derived (see step_timeout_s)
+    stop_grace_s: float = 600.0  # what a stop gives the driver to finish its step and checkpoint: the rendered
+    # job's RAY_JOB_STOP_WAIT_TIME_S and, plus 30 s, the pods' terminationGracePeriodSeconds
 
 
 @dataclass
@@ -179,6 +181,8 @@ class TrackingConfig:
 class CheckpointConfig:
     every: int = 50  # GRPO steps; a checkpoint is also written at the end of SFT and of training
     keep_last: int = 3
+    every_minutes: float = 0.0  # also checkpoint once this much wall time has passed since the last one (0: off),
+    # so a hard kill (SIGKILL, a node lost) never costs more than about this, whatever a step takes
 
 
 @dataclass
@@ -252,7 +256,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "run.name": (_nonempty, "set a non-empty name (it names the output directory and the MLflow run)"),
     "run.output_dir": (_nonempty, "set the directory for checkpoints, logs and the MLflow store"),
     "run.seed": (lambda v: 0 <= v < 2**32, "use an integer in [0, 2**32) (curriculum and vLLM seeds derive "
-                                           "from it; larger ones overflow the samplers' 64-bit seeds)"),
+                                           "from it)"),
     "cluster.num_cpus": (lambda v: _finite(v) and v >= 1 and float(v).is_integer(),
                          "use a whole number >= 1 (Ray gives a node whole CPUs), or null to count the actors' CPUs"),
     "cluster.resource_wait_s": (lambda v: _finite(v) and v >= 0,
@@ -260,6 +264,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "cluster.step_timeout_s": (lambda v: _finite(v) and v > 0,
                                "use seconds > 0, or null for the default derived from the step's size "
                                "(10 min + 10 ms per token one actor generates or trains on in a step)"),
+    "cluster.stop_grace_s": (lambda v: _finite(v) and v >= 1,
+                             "use seconds >= 1: enough for a step and a checkpoint (default 600)"),
+    "checkpoint.every_minutes": (lambda v: _finite(v) and v >= 0,
+                                 "use minutes >= 0 (0: checkpoint by step count only)"),
     "cluster.setup_timeout_s": (lambda v: _finite(v) and v > 0,
                                 "use seconds > 0 (a 7B engine start takes minutes; default 1800)"),
     "model.path": (_nonempty, "set the HF checkpoint directory"),

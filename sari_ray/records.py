@@ -9,11 +9,16 @@ import torch
 from sari_ray import grpo
 
 
+# vLLM takes a signed 64-bit seed; a prompt's completions add up to 2**40 to its row's base (batch place x G).
+SEED_SPACE = 2**63 - 2**40
+
+
 def rollout_rows(samples: list[dict], seed: int, step: int, num_generations: int) -> list[dict]:
     """The batch's rows, each with the sampling seed of its first completion (`_seed`; completion k uses
     `_seed + k`). A prompt's seeds follow its place in the batch, not the worker it goes to, so a batch gives the
-    same completions however many rollout workers share it."""
-    base = (seed * 1_000_003 + step) * 1_000_000
+    same completions however many rollout workers share it. The step's base wraps within SEED_SPACE, so every
+    accepted run.seed gives seeds vLLM takes (below 2**63); seeds under ~9.2 million never wrap."""
+    base = ((seed * 1_000_003 + step) * 1_000_000) % SEED_SPACE
     return [{**row, "_seed": base + i * num_generations} for i, row in enumerate(samples)]
 
 

@@ -1,7 +1,16 @@
-"""What the driver does when an actor dies mid-run. A rollout worker is restarted by Ray and re-synced by its
-group (`actors.rollout_group`); the driver only counts it. A learner rank cannot be replaced inside a DeepSpeed
-group, so the whole group is rebuilt and the run goes back to its last complete checkpoint, exactly as
-run.resume=true would (`trainer_state.restore`)."""
+"""What the driver does when an actor dies mid-run.
+
+- A rollout worker: Ray restarts it and its group re-syncs it and re-issues its prompts (`actors.rollout_group`);
+  the driver only counts it.
+- The reward scorer holds no state: a new one is started and the step's call asked again.
+- A learner rank cannot be replaced inside a DeepSpeed group, so the whole group is rebuilt; the curriculum
+  scheduler holds state (tier, running accuracies, its sampler). Both go back to the last complete checkpoint,
+  exactly as run.resume=true would (`trainer_state.restore`), so the steps after it are replayed and give the
+  batches and weights an uninterrupted run gives. (Rebuilding the curriculum from what the driver logs per step
+  would need its state after every call, not every step: a batch is drawn steps ahead of its update.)
+
+Each kind is bounded by run.max_restarts and counted in MLflow as `faults/<kind>` at the step it happened.
+"""
 from __future__ import annotations
 
 import time
@@ -9,63 +18,86 @@ import time
 from sari_ray import checkpoints, trainer_state
 from sari_ray.actors.group import ActorDied
 
+LEARNER, CURRICULUM, REWARD_SCORER = "learner", "curriculum scheduler", "reward scorer"
+FAULT_NAMES = {LEARNER: "learner_restarts", CURRICULUM: "curriculum_restarts", REWARD_SCORER: "reward_restarts"}
+
 
 class LearnerGroupLost(RuntimeError):
-    """Learners died more often than run.max_restarts allows; the message names the rank and the cause."""
-
-
-def count_fault(state: dict, name: str) -> int:
-    """Add one to `faults/<name>` in the trainer state (checkpointed, so counts survive a resume)."""
-    faults = state.setdefault("faults", {})
-    faults[name] = faults.get(name, 0) + 1
-    return faults[name]
+    """An actor died more often than run.max_restarts allows; the message names it and the cause."""
 
 
 def rollout_worker_restarted(trainer, index: int, cause: str, seconds: float) -> None:
-    count_fault(trainer.state, "rollout_restarts")
+    faults = trainer.state.setdefault("faults", {})
+    faults["rollout_restarts"] = faults.get("rollout_restarts", 0) + 1
     trainer.console.print(f"[yellow]rollout worker {index} failed ({cause}); restarted by Ray and back with weights "
                           f"v{trainer.state['weight_version']} after {seconds:.0f} s; its prompts are re-issued",
                           soft_wrap=True)
 
 
-def restart_learners_from_checkpoint(trainer, err: Exception) -> None:
-    """A learner rank died (`ActorDied`, role learner): every rank is killed (those blocked in a collective with
-    it too), a new group starts, and the run goes back to the last complete checkpoint, at most
-    run.max_restarts times. Rollouts in flight are discarded; the steps after the checkpoint are trained and
-    logged again (same MLflow run; readers take a step's last value). Other actors' deaths are re-raised."""
+def _count(trainer, err: ActorDied) -> dict[str, int]:
+    """The fault counts with this death added (a copy); past run.max_restarts, the error that stops the run."""
+    bound, name = trainer.cfg.run.max_restarts, FAULT_NAMES[err.role]
+    faults = {**trainer.state.get("faults", {})}
+    faults[name] = faults.get(name, 0) + 1
+    if faults[name] > bound:
+        raise LearnerGroupLost(f"{err}; the {err.role} was already restarted {bound} time(s) "
+                               f"(run.max_restarts={bound}): stopping. The last complete checkpoint stays; resume "
+                               f"with run.resume=true") from err
+    return faults
+
+
+def _at(state: dict) -> int:
+    return state["step"] if state["phase"] == "grpo" else state["sft_step"]
+
+
+def replace_reward_scorer(trainer, err: ActorDied) -> None:
+    """The reward scorer died during a call: start a new one (the caller asks it again)."""
     from sari_ray.actors import wiring
 
-    if not (isinstance(err, ActorDied) and err.role == "learner"):
+    t0 = time.monotonic()
+    trainer.state["faults"] = faults = _count(trainer, err)
+    trainer.reward = wiring.start_reward_scorer(trainer.cfg)
+    trainer.tracker.log_metrics({"faults/reward_restarts": faults["reward_restarts"]}, _at(trainer.state))
+    trainer.console.print(f"[yellow]{err}; a new reward scorer asked again after {time.monotonic() - t0:.0f} s",
+                          soft_wrap=True)
+
+
+def back_to_checkpoint(trainer, err: Exception) -> None:
+    """A learner rank or the curriculum scheduler died (`ActorDied`): start a new one (for a learner every rank
+    is killed first, those blocked in a collective with it too, and a new group starts), then go back to the last
+    complete checkpoint, at most run.max_restarts times per kind. Rollouts in flight are discarded; the steps
+    after the checkpoint are trained and logged again (same MLflow run; readers take a step's last value).
+    Other actors' deaths are re-raised."""
+    import ray
+
+    from sari_ray.actors import wiring
+
+    if not (isinstance(err, ActorDied) and err.role in (LEARNER, CURRICULUM)):
         raise err
-    cfg, t0 = trainer.cfg, time.monotonic()
-    faults = {**trainer.state.get("faults", {})}
-    faults["learner_restarts"] = faults.get("learner_restarts", 0) + 1
-    if faults["learner_restarts"] > cfg.run.max_restarts:
-        raise LearnerGroupLost(f"{err}; the learner group was already restarted {cfg.run.max_restarts} time(s) "
-                               f"(run.max_restarts={cfg.run.max_restarts}): stopping. The last complete checkpoint "
-                               f"stays; resume with run.resume=true") from err
+    cfg, t0, name = trainer.cfg, time.monotonic(), FAULT_NAMES[err.role]
+    faults = _count(trainer, err)
     checkpoint = checkpoints.latest_checkpoint(trainer.out)
-    failed_at = trainer.state["step"] if trainer.state["phase"] == "grpo" else trainer.state["sft_step"]
-    trainer.console.print(f"[yellow]{err}; restarting the learner group from "
+    failed_at = _at(trainer.state)
+    what = "learner group" if err.role == LEARNER else err.role
+    trainer.console.print(f"[yellow]{err}; restarting the {what} from "
                           f"{checkpoint.name if checkpoint else 'the start (no checkpoint yet)'} "
-                          f"(restart {faults['learner_restarts']} of at most {cfg.run.max_restarts})", soft_wrap=True)
-    trainer.learners.kill()
+                          f"(restart {faults[name]} of at most {cfg.run.max_restarts})", soft_wrap=True)
     trainer.pipeline.discard()
     kept = {k: trainer.state[k] for k in ("mlflow_run_id", "tracking_uri") if k in trainer.state}
     trainer.state = {**trainer_state.state_at(checkpoint, cfg.run.seed), **kept, "faults": faults}
-    trainer.learners = wiring.start_learners(cfg, trainer.learner_setup_kwargs())
-    trainer.weight_sync = wiring.start_weight_sync(cfg, trainer.learners, trainer.rollout)
+    if err.role == CURRICULUM or checkpoint is None:  # nothing saved yet: a fresh curriculum too
+        ray.kill(trainer.curriculum, no_restart=True)
+        trainer.curriculum = wiring.start_curriculum(cfg, trainer.tiers)
+    if err.role == LEARNER or checkpoint is None:  # nothing saved yet: learners back to the base model too
+        trainer.learners.kill()
+        trainer.learners = wiring.start_learners(cfg, trainer.learner_setup_kwargs())
+        trainer.weight_sync = wiring.start_weight_sync(cfg, trainer.learners, trainer.rollout)
     if checkpoint is not None:
         trainer_state.restore(trainer, checkpoint)
-    else:  # nothing saved yet: the base model, a fresh curriculum (GRPO without SFT starts in GRPO)
-        import ray
-
-        ray.kill(trainer.curriculum)
-        trainer.curriculum = wiring.start_curriculum(cfg, trainer.tiers)
+    else:  # GRPO without SFT starts in GRPO
         trainer.state["phase"] = "sft" if cfg.sft.steps > 0 else "grpo"
         trainer.sync_weights(new_version=False)
-    trainer.tracker.log_metrics({"faults/learner_restarts": faults["learner_restarts"]}, failed_at)
+    trainer.tracker.log_metrics({f"faults/{name}": faults[name]}, failed_at)
     where = f"GRPO step {trainer.state['step'] + 1}" if trainer.state["phase"] == "grpo" else \
         f"SFT step {trainer.state['sft_step'] + 1}"
-    trainer.console.print(f"learner group back after {time.monotonic() - t0:.0f} s; continuing at {where}",
-                          soft_wrap=True)
+    trainer.console.print(f"{what} back after {time.monotonic() - t0:.0f} s; continuing at {where}", soft_wrap=True)

@@ -1,9 +1,20 @@
 """How a run stops when asked: a signal (Ctrl-C, `ray job stop`, a pod's SIGTERM) lets the step in flight finish,
-the driver checkpoints and exits; the MLflow run is marked KILLED (FAILED on an error)."""
+the driver checkpoints and exits; the MLflow run is marked KILLED (FAILED on an error).
+
+`ray job stop` sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (3 s unless the job's runtime
+environment sets it): a window shorter than a step and a checkpoint loses every step since the last checkpoint.
+The rendered manifests and the documented submit command set it (cluster.stop_grace_s); a run under a job whose
+window is too short says so once (`StopWindow`).
+"""
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
+
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor in a submitted job's driver
+STOP_WAIT_ENV, RAY_DEFAULT_STOP_WAIT_S = "RAY_JOB_STOP_WAIT_TIME_S", 3.0
+SHUTDOWN_S = 15.0  # marking the MLflow run and stopping the engines after the checkpoint
 
 
 class Interrupted(Exception):
@@ -65,3 +76,31 @@ def stop_if_asked(trainer) -> None:
         trainer.save_checkpoint()
     raise Interrupted(f"interrupted ({trainer.stop.requested}) at {where}; checkpoint written. "
                       f"Resume with run.resume=true")
+
+
+def job_stop_window_s(environ=os.environ) -> float | None:
+    """Seconds `ray job stop` leaves this driver between SIGTERM and SIGKILL; None when it is not a submitted job."""
+    if RAY_JOB_ENV not in environ:
+        return None
+    return float(environ.get(STOP_WAIT_ENV, RAY_DEFAULT_STOP_WAIT_S))
+
+
+class StopWindow:
+    """Warns once when a stop of this job would SIGKILL the driver before it finishes a step and a checkpoint:
+    at start against the checkpoint's estimated write time, then against the measured step and checkpoint."""
+
+    def __init__(self, console, grace_s: float, environ=os.environ):
+        self.console, self.grace_s, self.window = console, grace_s, job_stop_window_s(environ)
+        self.warned = False
+
+    def check(self, step_s: float, checkpoint_s: float) -> None:
+        need = step_s + checkpoint_s + SHUTDOWN_S
+        if self.window is None or self.warned or self.window >= need:
+            return
+        self.warned = True
+        self.console.print(
+            f"[yellow]warning: `ray job stop` gives this job {self.window:.0f} s ({STOP_WAIT_ENV}) between SIGTERM and "
+            f"SIGKILL, but finishing a step and writing a checkpoint take about {need:.0f} s here: a stop would lose "
+            f"every step since the last checkpoint. Submit with --runtime-env-json "
+            f"'{{\"env_vars\": {{\"{STOP_WAIT_ENV}\": \"{max(self.grace_s, need * 2):.0f}\"}}}}' (the manifests from "
+            f"`sari-ray deploy kuberay` set it from cluster.stop_grace_s), or set checkpoint.every_minutes", soft_wrap=True)

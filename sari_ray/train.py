@@ -30,7 +30,9 @@ from sari_ray.held_out import evaluate_held_out
 from sari_ray.models.tiny import prepare_model
 from sari_ray.records import is_truncated, rollout_rows, training_records
 from sari_ray.rollout_pipeline import RolloutPipeline
-from sari_ray.stopping import Interrupted, StopOnSignal, mark_failed, stop_if_asked
+from sari_ray.stopping import Interrupted, StopOnSignal, StopWindow, mark_failed, stop_if_asked
+
+WRITE_BYTES_PER_S = 200e6  # a conservative disk write rate, to estimate a checkpoint's time before the first one
 
 
 class Trainer:
@@ -53,6 +55,9 @@ class Trainer:
         self.tracker = start_run_tracking(cfg, self.out, self.state["mlflow_run_id"])
         self.state["mlflow_run_id"], self.state["tracking_uri"] = self.tracker.run_id, self.tracker.tracking_uri
         self.console.print(f"MLflow run {self.tracker.run_id} at {self.tracker.tracking_uri}")
+        self.stop_window = StopWindow(self.console, cfg.cluster.stop_grace_s)
+        self.stop_window.check(0.0, checkpoints.expected_bytes(self.out, self.model_path) / WRITE_BYTES_PER_S)
+        self.last_checkpoint = (time.monotonic(), 0.0)  # (when, seconds it took)
         self._start_actors(checkpoint)
 
     # ------------------------------------------------------------------ setup
@@ -89,12 +94,24 @@ class Trainer:
         yield
         self.timings[f"time/{name}"] = time.perf_counter() - t0
 
-    def call_service(self, ref):
-        """A curriculum scheduler / reward scorer call, within the per-step deadline."""
-        from sari_ray.actors.group import get_one
+    def call_service(self, role: str, method: str, *args):
+        """A call to the curriculum scheduler or the reward scorer, within the per-step deadline. A reward scorer
+        that died is replaced and asked again (it holds no state); a dead curriculum scheduler raises `ActorDied`
+        and `fit` goes back to the last checkpoint (recovery.py)."""
+        from sari_ray.actors.group import ActorDied, get_one
 
-        return get_one(ref, self.step_timeout_s, f"the curriculum scheduler / reward scorer (phase "
-                                                 f"{getattr(self, 'current_phase', '?')} of GRPO step {self.state['step']})")
+        actor = self.reward if role == recovery.REWARD_SCORER else self.curriculum
+        phase = f"{method} (phase {getattr(self, 'current_phase', '?')} of GRPO step {self.state['step']})"
+        try:
+            return get_one(getattr(actor, method).remote(*args), self.step_timeout_s, role, phase)
+        except ActorDied as err:
+            if role != recovery.REWARD_SCORER:
+                raise
+            recovery.replace_reward_scorer(self, err)
+            return self.call_service(role, method, *args)
+
+    def ask_curriculum(self, method: str, *args):
+        return self.call_service(recovery.CURRICULUM, method, *args)
 
     # ------------------------------------------------------------------ training
     def fit(self) -> dict[str, Any]:
@@ -104,18 +121,19 @@ class Trainer:
         while self.state["phase"] == "sft":
             try:
                 self.sft()
-            except ActorDied as err:  # a learner: back to the last checkpoint (others re-raised)
-                recovery.restart_learners_from_checkpoint(self, err)
+            except ActorDied as err:  # a learner or the curriculum: back to the last checkpoint (others re-raised)
+                recovery.back_to_checkpoint(self, err)
         with progress_bar(self.console) as progress:
             task = progress.add_task("grpo", total=cfg.grpo.steps, completed=self.state["step"])
             while self.state["step"] < cfg.grpo.steps:
                 self.state["step"] += 1
                 try:
                     step_metrics = self.grpo_step(self.state["step"])
-                    if self.state["step"] % cfg.checkpoint.every == 0 or self.state["step"] == cfg.grpo.steps:
+                    if trainer_state.checkpoint_due(cfg, self.state["step"], self.last_checkpoint[0]):
                         self.save_checkpoint()
-                except ActorDied as err:  # a learner: back to the last checkpoint, its steps replayed
-                    recovery.restart_learners_from_checkpoint(self, err)
+                        self.stop_window.check(step_metrics["time/step"], self.last_checkpoint[1])
+                except ActorDied as err:  # a learner or the curriculum: back to the last checkpoint, steps replayed
+                    recovery.back_to_checkpoint(self, err)
                     progress.update(task, completed=self.state["step"])
                     continue
                 progress.update(task, advance=1, description=progress_line(self.state["step"], step_metrics))
@@ -171,11 +189,11 @@ class Trainer:
         self._check_staleness(step, completions)
         self.timings["time/rollout_generate"] = max(r["generate_s"] for r in rollouts)  # the workers' own time
         with self.phase("reward"):
-            scores = self.call_service(self.reward.score.remote([c["text"] for c in completions],
-                                                                [x.to_dict() for x in expanded]))
+            scores = self.call_service(recovery.REWARD_SCORER, "score", [c["text"] for c in completions],
+                                       [x.to_dict() for x in expanded])
         with self.phase("curriculum"):
             per_sample = metrics_lib.per_sample_accuracy([x.id for x in expanded], scores)
-            promotion = self.call_service(self.curriculum.update.remote(step, per_sample))
+            promotion = self.ask_curriculum("update", step, per_sample)
         with self.phase("learn"):
             records = training_records(rollouts, scores, self.audio_of, g, cfg.grpo.scale_rewards,
                                        cfg.grpo.drop_uniform_groups)
@@ -183,7 +201,7 @@ class Trainer:
                 "grpo_step", split_padded(records, len(self.learners), "weight"), cfg.grpo.learning_rate)) if records else {}
         with self.phase("sync"):
             sync = self.sync_weights()
-        extra = {**learn, **self.call_service(self.curriculum.metrics.remote()), "learn/records": len(records),
+        extra = {**learn, **self.ask_curriculum("metrics"), "learn/records": len(records),
                  "faults/rollout_restarts": s.get("faults", {}).get("rollout_restarts", 0)}
         m = metrics_lib.grpo_step_metrics(completions, scores, [is_truncated(c) for c in completions],
                                           [x.tier or 0 for x in expanded], g, time.perf_counter() - t_step,
@@ -220,7 +238,7 @@ class Trainer:
                                     for x, c, sc in scored[:32]], f"completions/step_{step:06d}.json")
 
     def _draw_batch(self) -> list[str]:
-        return self.call_service(self.curriculum.next_batch.remote()).ids
+        return self.ask_curriculum("next_batch").ids
 
     def _send_rollouts(self, step: int, ids: list[str]):
         """Prompts spread across rollout workers (adding workers raises throughput); collected by the pipeline

@@ -8,6 +8,7 @@ step, weight version, MLflow run id, curriculum, data cursor (RNG, SFT order), h
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,17 +56,27 @@ def open_run_dir(out: Path, resume: bool, console) -> Path | None:
     return checkpoint
 
 
+def checkpoint_due(cfg, step: int, last_at: float) -> bool:
+    """After GRPO step `step`: every `checkpoint.every` steps, at the last step, and once
+    `checkpoint.every_minutes` of wall time (time.monotonic) have passed since `last_at`."""
+    c = cfg.checkpoint
+    late = c.every_minutes > 0 and time.monotonic() - last_at >= c.every_minutes * 60
+    return step % c.every == 0 or step == cfg.grpo.steps or late
+
+
 def save(trainer) -> Path:
     """Learners write into a staging directory; trainer_state.json last; then it is renamed into place, so a
-    checkpoint is complete or absent (a failure mid-write leaves none). Rotation runs only after that."""
-    state = trainer.state
+    checkpoint is complete or absent (a failure mid-write leaves none). Rotation runs only after that. Sets
+    trainer.last_checkpoint to (when it was done, seconds it took)."""
+    t0, state = time.monotonic(), trainer.state
     final = checkpoints.checkpoint_dir(trainer.out, state)
-    state["curriculum"] = trainer.call_service(trainer.curriculum.state_dict.remote())
+    state["curriculum"] = trainer.ask_curriculum("state_dict")
     with checkpoints.staged(final, checkpoints.expected_bytes(trainer.out, trainer.model_path)) as staging:
         trainer.learners.call("save_checkpoint", str(staging))
         checkpoints.write_json(staging / checkpoints.IN_FLIGHT_FILE, trainer.pipeline.in_flight_state())
         checkpoints.write_json(staging / checkpoints.STATE_FILE, state)
     checkpoints.rotate(trainer.out, trainer.cfg.checkpoint.keep_last)
+    trainer.last_checkpoint = (time.monotonic(), time.monotonic() - t0)
     return final
 
 
@@ -75,7 +86,7 @@ def restore(trainer, checkpoint: Path) -> None:
     they were, the rollouts it kept in flight. What run.resume=true does at startup and a learner restart
     mid-run."""
     if trainer.state["curriculum"] is not None:
-        trainer.call_service(trainer.curriculum.load_state_dict.remote(trainer.state["curriculum"]))
+        trainer.ask_curriculum("load_state_dict", trainer.state["curriculum"])
     trainer.learners.call("load_checkpoint", str(checkpoint))
     # engines restart from the base model: give them the checkpoint's weights, as the version they were
     trainer.sync_weights(new_version=False)

@@ -33,7 +33,11 @@ class SetupTimeout(TimeoutError):
 
 
 def first_line(err: Exception) -> str:
-    """The cause Ray reports (signal, OOM, exception text), without the stack."""
+    """The cause Ray reports (signal, OOM, exception text), without the stack: for an exception the actor's call
+    raised, its type and message."""
+    cause = getattr(err, "cause", None)
+    if isinstance(err, ray.exceptions.RayTaskError) and isinstance(cause, Exception) and str(cause).strip():
+        return f"{type(cause).__name__}: {str(cause).strip().splitlines()[0]}"[:500]
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     useful = [line for line in lines if any(k in line for k in ("SIGKILL", "OOM", "memory", "signal", "died",
                                                                 "Error", "exit"))]
@@ -49,14 +53,16 @@ def get_within(refs: list, seconds: float, what: str, hint: str = "") -> list:
         raise SetupTimeout(f"{what} did not finish within {seconds:.0f} s (cluster.setup_timeout_s). {hint}".strip()) from None
 
 
-def get_one(ref, seconds: float | None, what: str):
+def get_one(ref, seconds: float | None, role: str, phase: str):
     """ray.get of one per-step call to a single actor (the curriculum scheduler, the reward scorer) within the
-    step deadline; `what` names the actor and where the run was."""
+    step deadline; a death raises `ActorDied` naming the actor and the call."""
     try:
         return ray.get(ref, timeout=seconds)
     except ray.exceptions.GetTimeoutError:
-        raise StepTimeout(f"{what} did not answer within {seconds:.0f} s (cluster.step_timeout_s). The last "
-                          f"complete checkpoint stays; resume with run.resume=true") from None
+        raise StepTimeout(f"the {role} did not answer {phase} within {seconds:.0f} s (cluster.step_timeout_s). The "
+                          f"last complete checkpoint stays; resume with run.resume=true") from None
+    except ray.exceptions.RayActorError as err:
+        raise ActorDied(role, 0, phase, first_line(err)) from None
 
 
 def get_all(refs: list, seconds: float | None, role: str, phase: str, ranks: list[int] | None = None) -> list:

@@ -13,11 +13,16 @@ from typing import Any, Callable
 
 import ray
 
-from sari_ray.actors.group import ActorGroup, StepTimeout, first_line, get_all, get_within
+from sari_ray.actors.group import ActorGroup, SetupTimeout, StepTimeout, first_line, get_all, get_within
 
 
 class RolloutWorkerLost(RuntimeError):
     """A rollout worker died more often than `rollout.max_restarts` allows."""
+
+
+class RolloutRequestError(ValueError):
+    """A rollout worker's call raised the same exception again after a restart: an error in the request or in the
+    code, not a fault a restart cures. A ValueError, so the CLI prints it without a traceback (--debug shows it)."""
 
 
 @dataclass
@@ -27,6 +32,7 @@ class PendingCalls:
     refs: dict[int, Any]
     version: int
     what: str = "a call"  # the method, for a deadline's error
+    ids: dict[int, list[str]] | None = None  # worker -> the prompt ids of its shard, for an error's message
 
 
 class RolloutGroup(ActorGroup):
@@ -88,7 +94,9 @@ class RolloutGroup(ActorGroup):
         weight load runs on those weights."""
         calls = [(i, lambda a, shard=shard: getattr(a, method).remote(shard, *args, **kwargs))
                  for i, shard in enumerate(shards) if shard]
-        return PendingCalls(calls, {i: make(self.actors[i]) for i, make in calls}, self.version, method)
+        ids = {i: [row["id"] for row in shard] for i, shard in enumerate(shards)
+               if shard and all(isinstance(row, dict) and "id" in row for row in shard)}
+        return PendingCalls(calls, {i: make(self.actors[i]) for i, make in calls}, self.version, method, ids)
 
     def collect(self, pending: "PendingCalls") -> list:
         """The results of `submit_sharded`, re-issuing a dead worker's shard. Its completions must carry the
@@ -96,7 +104,7 @@ class RolloutGroup(ActorGroup):
         self.finish_loads()
         return self._collect(pending.calls, pending.refs,
                              valid=lambda result: self._weights_at_least(result, pending.version), what=pending.what,
-                             version=pending.version)
+                             version=pending.version, ids=pending.ids)
 
     @property
     def version(self) -> int:
@@ -108,11 +116,15 @@ class RolloutGroup(ActorGroup):
         return all(version <= v <= self.version for v in versions)
 
     def _collect(self, calls: list[tuple[int, Callable]], refs: dict[int, Any],
-                 valid: Callable[[Any], bool] | None, what: str = "a call", version: int | None = None) -> list:
+                 valid: Callable[[Any], bool] | None, what: str = "a call", version: int | None = None,
+                 ids: dict[int, list[str]] | None = None) -> list:
         """Each worker's result, within `timeout_s` per call (a re-issued call gets its own). `version`: the
-        weights the calls were sent under; a re-issued call runs on them again if they are still kept."""
+        weights the calls were sent under; a re-issued call runs on them again if they are still kept. A call
+        that raises is retried once on a fresh worker; the same exception again stops the run
+        (`RolloutRequestError`, naming the worker, the prompt ids and the exception)."""
         out: dict[int, Any] = {}
         behind: set[int] = set()
+        raised: dict[int, str] = {}  # worker -> the exception its call raised (retried once)
         for i, make in calls:
             while i not in out:
                 try:
@@ -126,10 +138,18 @@ class RolloutGroup(ActorGroup):
                     raise StepTimeout(f"rollout worker {i} did not finish {what} within {self.timeout_s:.0f} s "
                                       f"(cluster.step_timeout_s; the last complete checkpoint stays, resume with "
                                       f"run.resume=true). Check its log for what it waits on.") from None
-                except ray.exceptions.RayActorError as err:  # the worker process died (signal, OOM, node loss)
-                    self._recover(i, first_line(err), died=True)
-                except ray.exceptions.RayTaskError as err:  # the worker lives but its engine failed
-                    self._recover(i, first_line(err), died=False)
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
+                    self._recover(i, first_line(err), died=True)  # the process died (signal, OOM, node loss)
+                except ray.exceptions.RayTaskError as err:  # the worker lives but its call raised
+                    cause = first_line(err)
+                    if raised.get(i) == cause:
+                        shard = f"prompts {ids[i]}" if ids and i in ids else "its shard"
+                        raise RolloutRequestError(
+                            f"rollout worker {i} raised the same exception on {what} of {shard} after a restart: "
+                            f"{cause}. An error in the request or the code, not a fault a restart cures; the "
+                            f"last complete checkpoint stays") from None
+                    raised[i] = cause
+                    self._recover(i, cause, died=False)
                 if version is not None and version != self.version and version in self.recent_weights:
                     self._reload(i, version)
                     behind.add(i)  # re-issued on the weights it was sent under (async): the same completions
@@ -145,13 +165,13 @@ class RolloutGroup(ActorGroup):
 
         t0 = time.monotonic()
         actor = self.actors[index]
-        if not died:
-            ray.kill(actor, no_restart=False)  # a fresh process and engine; Ray restarts it
+        if not died:  # a fresh process and engine: Ray restarts it (the old one must not answer for the new one)
+            self.pids[index] = get_within(actor.pid.remote(), self.ready_timeout_s, f"rollout worker {index}")
+            ray.kill(actor, no_restart=False)
         try:
-            self._wait_until_back(index)
+            pid = self._wait_until_back(index, old_pid=None if died else self.pids[index])
         except RolloutWorkerLost as gave_up:  # Ray's own max_restarts (the same bound) is spent: one death too many
             raise self._lost(index, self.restarts[index] + 1, cause) from gave_up
-        pid = ray.get(actor.pid.remote())
         restarted = pid != self.pids.get(index)
         self.pids[index] = pid
         if restarted:
@@ -181,16 +201,22 @@ class RolloutGroup(ActorGroup):
         get_all([self.actors[index].load_weights.remote(refs, version)], self.timeout_s, self.role, "load_weights",
                 [index])
 
-    def _wait_until_back(self, index: int) -> None:
-        """Calls fail with ActorUnavailableError while Ray restarts the worker; retry until it answers."""
+    def _wait_until_back(self, index: int, old_pid: int | None = None) -> int:
+        """Calls fail with ActorUnavailableError while Ray restarts the worker; retry until it answers, from a
+        process other than `old_pid` when given. Returns its process id."""
         import time
 
         deadline = time.monotonic() + self.ready_timeout_s
         while True:
             try:
-                get_within(self.actors[index].ready.remote(), max(1.0, deadline - time.monotonic()),
-                           f"restart of rollout worker {index}")
-                return
+                actor, left = self.actors[index], max(1.0, deadline - time.monotonic())
+                get_within(actor.ready.remote(), left, f"restart of rollout worker {index}")
+                pid = get_within(actor.pid.remote(), left, f"restart of rollout worker {index}")
+                if pid != old_pid:
+                    return pid
+                if time.monotonic() > deadline:
+                    raise SetupTimeout(f"rollout worker {index} was not restarted within {self.ready_timeout_s:.0f} s")
+                time.sleep(0.2)
             except ray.exceptions.ActorUnavailableError:
                 if time.monotonic() > deadline:
                     raise

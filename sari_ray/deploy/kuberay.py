@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import re
 import shlex
 import sys
@@ -41,6 +42,7 @@ __all__ = ["render_manifests", "render_files", "register_cli", "DeployError", "S
 PINS = Path(__file__).resolve().parents[2] / "docker" / "requirements" / "common.txt"
 MAX_NAME = 40  # RayJob names may have 47 characters (KubeRay); "-job" is appended to the cluster name
 OPERATOR_NAMESPACE = "kuberay-system"  # where deploy/README.md installs the operator (helm --namespace)
+STOP_MARGIN_S = 30  # a stopped pod's grace beyond the driver's stop window (cluster.stop_grace_s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,9 +106,16 @@ def job_command(cfg: Any, *, configs: Sequence[str], overrides: Sequence[str], r
             *(f"{key}={value}" for key, value in pinned.items())]
 
 
-def submit_command(entrypoint: list[str]) -> str:
+def stop_runtime_env(stop_grace_s: float) -> dict[str, Any]:
+    """The job's runtime environment: how long `ray job stop` waits between SIGTERM and SIGKILL (Ray's default, 3 s,
+    is shorter than any checkpoint; the driver finishes its step and checkpoints in that time)."""
+    return {"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(int(stop_grace_s))}}
+
+
+def submit_command(entrypoint: list[str], runtime_env: dict[str, Any]) -> str:
     """`ray job submit` for the long-lived cluster, through a port-forward of the head's dashboard."""
-    return f"ray job submit --address http://127.0.0.1:{DASHBOARD_PORT} --no-wait -- {shlex.join(entrypoint)}"
+    return (f"ray job submit --address http://127.0.0.1:{DASHBOARD_PORT} --no-wait --runtime-env-json "
+            f"{shlex.quote(json.dumps(runtime_env))} -- {shlex.join(entrypoint)}")
 
 
 def ray_cluster_spec(cfg: Any, *, shapes: Shapes, image: str, namespace: str, rollout_workers: int,
@@ -118,13 +127,18 @@ def ray_cluster_spec(cfg: Any, *, shapes: Shapes, image: str, namespace: str, ro
     learner = plan_group("learner", cfg.learner, learners, shapes.learner)
     check_groups_apart(rollout, learner)
     env = mlflow_server.client_env(namespace)
-    return {
+    spec = {
         "rayVersion": pinned_ray_version(),
         "enableInTreeAutoscaling": False,  # replicas follow the config, not load
         "authOptions": {"mode": "token", "secretName": TOKEN_SECRET},
         "headGroupSpec": head_group(shapes.head, image=image, env=env),
         "workerGroupSpecs": [worker_group(rollout, image=image, env=env), worker_group(learner, image=image, env=env)],
     }
+    # a pod told to stop (eviction, scale-down, a job stopped) keeps its processes while the driver finishes the
+    # step and writes the checkpoint (the learners write their part, the head runs the driver)
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        group["template"]["spec"]["terminationGracePeriodSeconds"] = int(cfg.cluster.stop_grace_s) + STOP_MARGIN_S
+    return spec
 
 
 def ray_cluster(name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -132,11 +146,13 @@ def ray_cluster(name: str, namespace: str, spec: dict[str, Any]) -> dict[str, An
             "spec": spec}
 
 
-def ray_job(name: str, namespace: str, spec: dict[str, Any], entrypoint: list[str]) -> dict[str, Any]:
+def ray_job(name: str, namespace: str, spec: dict[str, Any], entrypoint: list[str],
+            runtime_env: dict[str, Any]) -> dict[str, Any]:
     """One-shot: KubeRay starts a cluster from `spec`, submits the entrypoint, and deletes the cluster a few
     minutes after the job ends. No retries: a rerun is an explicit `run.resume=true`."""
     return {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": k8s.metadata(f"{name}-job", namespace, app="ray"),
-            "spec": {"entrypoint": shlex.join(entrypoint), "rayClusterSpec": spec, "submissionMode": "K8sJobMode",
+            "spec": {"entrypoint": shlex.join(entrypoint), "runtimeEnvYAML": yaml.safe_dump(runtime_env),
+                     "rayClusterSpec": spec, "submissionMode": "K8sJobMode",
                      "shutdownAfterJobFinishes": True, "ttlSecondsAfterFinished": 600, "backoffLimit": 0}}
 
 
@@ -189,7 +205,8 @@ def render_manifests(cfg: Any, *, configs: Sequence[str], overrides: Sequence[st
                                         access_mode="ReadWriteOnce", storage_class=storage.mlflow_class)],
         "mlflow.yaml": mlflow_server.server_objects(namespace, image),
         "raycluster.yaml": [ray_cluster(name, namespace, spec)],
-        "rayjob.yaml": [ray_job(name, namespace, copy.deepcopy(spec), entrypoint)],
+        "rayjob.yaml": [ray_job(name, namespace, copy.deepcopy(spec), entrypoint,
+                                stop_runtime_env(cfg.cluster.stop_grace_s))],
     }
 
 
@@ -322,6 +339,6 @@ def summary(manifests: dict[str, list[dict[str, Any]]], out: Path) -> str:
     lines += ["one-shot:     kubectl apply -f " + str(out / "rayjob.yaml"),
               "long-lived:   kubectl apply -f " + str(out / "raycluster.yaml") + ", port-forward "
               f"svc/{cluster['metadata']['name']}-head-svc {DASHBOARD_PORT}, then",
-              "  " + submit_command(shlex.split(job["spec"]["entrypoint"])),
+              "  " + submit_command(shlex.split(job["spec"]["entrypoint"]), yaml.safe_load(job["spec"]["runtimeEnvYAML"])),
               "(deploy/README.md: Secrets, volumes and MLflow first)"]
     return "\n".join(lines)

@@ -77,3 +77,50 @@ def test_kill_9_of_a_rollout_worker_then_of_a_learner_during_grpo(short_training
     reward_steps = [m.step for m in history("reward/mean")]
     assert sorted(set(reward_steps)) == [1, 2, 3, 4] and reward_steps.count(3) == 2  # step 3 replayed, logged again
     assert_none_left(proc.pid, procs)
+
+
+def test_kill_9_of_the_reward_scorer_then_of_the_curriculum_scheduler_during_grpo(short_training_run, tmp_path,
+                                                                                   tiny_qwen2_audio, synth_data):
+    """The reward scorer holds no state: a new one is asked the step's call again. The curriculum scheduler holds
+    state: the run goes back to the last complete checkpoint, as after a learner's death. Either way the run ends
+    as the uninterrupted one, with each death counted once in MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "run"
+    batches = out / "batches.jsonl"
+
+    def grpo_batches(n):
+        return lambda: batches.exists() and batches.read_text().count("\n") >= n
+
+    proc = start(out, tiny_qwen2_audio, synth_data)
+    wait_for(grpo_batches(1), proc)
+    procs = run_processes(proc.pid)
+    scorer = actor_processes(proc.pid, "RewardScorer")
+    assert len(scorer) == 1, [p.cmdline()[0] for p in scorer]
+    scorer[0].send_signal(signal.SIGKILL)
+    t_kill = time.monotonic()
+    wait_for(lambda: "a new reward scorer asked again" in log_text(out), proc)
+    reward_back_s = time.monotonic() - t_kill
+
+    wait_for(grpo_batches(3), proc)  # checkpoints at steps 0 and 2: the curriculum dies in step 4
+    curriculum = actor_processes(proc.pid, "CurriculumScheduler")
+    assert len(curriculum) == 1, [p.cmdline()[0] for p in curriculum]
+    curriculum[0].send_signal(signal.SIGKILL)
+    t_kill = time.monotonic()
+    wait_for(lambda: "curriculum scheduler back after" in log_text(out), proc)
+    curriculum_back_s = time.monotonic() - t_kill
+    procs += run_processes(proc.pid)
+    proc.wait(900)
+    text = log_text(out)
+    assert proc.returncode == 0, text[-3000:]
+    assert "reward scorer rank 0 died during score" in text, text[-3000:]
+    assert "restarting the curriculum scheduler from step_000002 (restart 1 of at most 3)" in text, text[-3000:]
+    print(f"reward scorer kill -> run going on: {reward_back_s:.1f} s; curriculum scheduler kill -> run going on "
+          f"(back at step 2): {curriculum_back_s:.1f} s")
+
+    assert_same_as_uninterrupted(out, short_training_run["output_dir"])
+    summary = json.loads((out / "summary.json").read_text())
+    client = MlflowClient(summary["tracking_uri"])
+    for key in ("faults/reward_restarts", "faults/curriculum_restarts"):
+        assert [m.value for m in client.get_metric_history(summary["mlflow_run_id"], key)] == [1], key
+    assert_none_left(proc.pid, procs)

@@ -35,6 +35,9 @@ class FlakyWorker:
         die_on = {int(x) for x in open(os.path.join(self.state_dir, "die_on")).read().split()}
         if self._count() in die_on:
             os._exit(9)
+        bad = [row["id"] for row in shard if isinstance(row, dict) and row.get("bad")]
+        if bad:  # what vLLM's input checks do with a request they refuse
+            raise ValueError(f"the request for {bad} is refused: Overflow when unpacking long long")
         return [{"sample_id": s, "completions": [{"weight_version": self.version}]} for s in shard]
 
 
@@ -141,3 +144,19 @@ def test_async_a_shard_sent_before_a_sync_is_reissued_on_the_weights_it_was_sent
     assert group.collect(pending) == [[{"sample_id": "a", "completions": [{"weight_version": 7}]}]]
     assert group.restart_count == 1
     assert group.sharded("generate", [["b"]]) == [[{"sample_id": "b", "completions": [{"weight_version": 8}]}]]
+
+
+def test_an_error_that_is_not_a_fault_is_retried_once_then_stops_naming_worker_prompts_and_error(ray_local, tmp_path):
+    """A call that raises (our code, vLLM's input checks) is not a crash: one retry on a fresh worker, then an error
+    naming the worker, the prompt ids and the exception, not an endless round of restarts into the same prompts."""
+    from sari_ray.actors.rollout_group import RolloutRequestError
+
+    group, events = make_group(ray_local, tmp_path, "", max_restarts=5)
+    group.load_weights(["w"], 3)
+    shard = [{"id": "q1"}, {"id": "q2", "bad": True}]
+    with pytest.raises(RolloutRequestError, match=r"rollout worker 0 raised the same exception on generate of "
+                                                  r"prompts \['q1', 'q2'\] after a restart: .*ValueError: the "
+                                                  r"request for \['q2'\] is refused"):
+        group.sharded("generate", [shard])
+    assert group.restart_count == 1 and len(events) == 1  # one retry, on a restarted worker
+    assert isinstance(RolloutRequestError("x"), ValueError)  # the CLI prints it without a traceback

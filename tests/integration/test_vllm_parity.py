@@ -72,6 +72,11 @@ def test_generate_is_reproducible_and_stamped(setup):
     assert len({tuple(c.token_ids) for c in first[0]}) > 1  # the n children got distinct seeds
     other = engine.generate([prompt], [HIGH], n=4, temperature=TEMPERATURE, max_tokens=16, seed=8)
     assert [c.token_ids for c in other[0]] != [c.token_ids for c in first[0]]
+    # the largest seeds the driver sends (records.rollout_rows at run.seed 2**32 - 1): vLLM takes them
+    from sari_ray.records import rollout_rows
+
+    top = max(r["_seed"] for step in (1, 999_999) for r in rollout_rows([{}] * 64, 2**32 - 1, step, 4))
+    assert len(engine.generate([prompt], [HIGH], n=4, temperature=TEMPERATURE, max_tokens=4, seed=[top])[0]) == 4
 
 
 def test_sampling_logprobs_match_transformers_and_depend_on_audio(setup):

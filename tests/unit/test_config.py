@@ -107,6 +107,8 @@ RULE_CASES = {
     "run.seed": ["run.seed=-1"],
     "cluster.num_cpus": ["cluster.num_cpus=4.5"],
     "cluster.setup_timeout_s": ["cluster.setup_timeout_s=0"],
+    "cluster.stop_grace_s": ["cluster.stop_grace_s=0", "cluster.stop_grace_s=.nan"],
+    "checkpoint.every_minutes": ["checkpoint.every_minutes=-1"],
     "cluster.step_timeout_s": ["cluster.step_timeout_s=0"],
     "cluster.resource_wait_s": ["cluster.resource_wait_s=-1"],
     "model.path": ["model.path=' '"],

@@ -233,3 +233,16 @@ def test_configs_must_be_a_list():
         render_manifests(example_config(), configs=EXAMPLE)
     with pytest.raises(DeployError, match="DNS-1035"):
         render_manifests(example_config(), configs=[EXAMPLE], name="Sari_Ray")
+
+
+def test_a_stopped_job_and_its_pods_get_the_time_to_finish_a_step_and_checkpoint(tmp_path, monkeypatch):
+    """`ray job stop` waits RAY_JOB_STOP_WAIT_TIME_S (3 s by default) before SIGKILL: the RayJob's runtime env and
+    the long-lived cluster's submit command set it from cluster.stop_grace_s; every pod waits 30 s longer."""
+    monkeypatch.chdir(REPO)
+    assert cli_main(["deploy", "kuberay", "--config", EXAMPLE, "--out", str(tmp_path), "cluster.stop_grace_s=900"]) == 0
+    job = next(yaml.safe_load_all((tmp_path / "rayjob.yaml").read_text()))
+    assert yaml.safe_load(job["spec"]["runtimeEnvYAML"]) == {"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "900"}}
+    cluster = next(yaml.safe_load_all((tmp_path / "raycluster.yaml").read_text()))
+    for spec in (cluster["spec"], job["spec"]["rayClusterSpec"]):
+        groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        assert [g["template"]["spec"]["terminationGracePeriodSeconds"] for g in groups] == [930] * 3

@@ -1,12 +1,15 @@
 """The step's data between the actors (sari_ray.records, batching.split_padded): pure, hand-computed cases."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from sari_ray.batching import split_padded
-from sari_ray.records import is_truncated, rollout_rows, training_records
+from sari_ray.records import SEED_SPACE, is_truncated, rollout_rows, training_records
 
 pytestmark = pytest.mark.unit
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _completion(tokens, reason="stop"):
@@ -58,3 +61,19 @@ def test_split_padded_gives_equal_shards_whose_padding_weighs_nothing(n, parts):
     flat = [r for s in shards for r in s]
     assert flat[:n] == rows and all(r["weight"] == 0.0 for r in flat[n:])
     assert sum(r["weight"] for r in flat) == n
+
+
+@pytest.mark.parametrize("seed", [0, 9_000_000, 18_446_745, 3_000_000_000, 2**32 - 1])
+def test_every_accepted_seed_gives_sampling_seeds_vllm_takes(seed):
+    """run.seed < 2**32 is accepted; seeds at or above ~18.4 million overflowed vLLM's 64-bit seed before."""
+    from sari_ray.config import load_config
+
+    cfg = load_config(REPO / "configs" / "demo_cpu.yaml", [f"run.seed={seed}"])  # accepted
+    g, prompts = 8, 64
+    for step in (1, 999_999):
+        rows = rollout_rows([{"id": str(i)} for i in range(prompts)], cfg.run.seed, step, g)
+        seeds = [r["_seed"] + k for r in rows for k in range(g)]
+        assert 0 <= min(seeds) and max(seeds) < 2**63 and len(set(seeds)) == len(seeds)
+    if seed < 9_000_000:  # no wrap: the seeds every earlier run sampled with
+        assert rollout_rows([{}], seed, 5, g)[0]["_seed"] == (seed * 1_000_003 + 5) * 1_000_000
+    assert SEED_SPACE + 2**40 == 2**63
