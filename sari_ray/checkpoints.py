@@ -52,8 +52,15 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 
 def drop_stale_staging(output_dir: Path) -> list[Path]:
-    """Staging directories a crashed or killed run left behind (they were never complete)."""
-    stale = sorted((Path(output_dir) / CHECKPOINTS).glob(_STAGING_PREFIX + "*"))
+    """Staging directories a crashed or killed run left behind (they were never complete), removed; returns them.
+    A complete checkpoint set aside for its rewrite (`staged` renames it to `.staging-old-NAME` before the new one
+    takes its place) whose rewrite never landed is put back as NAME first: it is the last complete copy."""
+    root = Path(output_dir) / CHECKPOINTS
+    for old in sorted(root.glob(_STAGING_PREFIX + "old-*")):
+        final = root / old.name.removeprefix(_STAGING_PREFIX + "old-")
+        if not final.exists() and (old / STATE_FILE).is_file():
+            os.replace(old, final)
+    stale = sorted(root.glob(_STAGING_PREFIX + "*"))
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
     return stale

@@ -45,6 +45,8 @@ def print_summary(console, summary: dict[str, Any]) -> None:
             if name != "step":
                 table.add_row(f"{label} {name}", f"{value:.3f}")
     table.add_row("MLflow", f"run {summary['mlflow_run_id']} ({summary['tracking_uri']})")
+    if summary.get("report"):
+        table.add_row("report", f"{summary['report']} (reward, accuracy, tiers, held-out gain)")
     console.print(table)
     if summary.get("grpo_gain"):
         gain = Table(title="what GRPO added (held-out, same items; 95% CI of the paired difference)")

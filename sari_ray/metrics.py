@@ -104,10 +104,11 @@ def per_sample_accuracy(sample_ids: list[str], scores: list[dict]) -> dict[str, 
     return {sid: fmean(v) for sid, v in acc.items()}
 
 
-def mean_over_ranks(per_rank: list[dict[str, float]]) -> dict[str, float]:
-    """Mean over learner ranks; `*_max` metrics take the max."""
-    keys = per_rank[0].keys()
-    return {k: (max if k.endswith("_max") else fmean)(r[k] for r in per_rank) for k in keys}
+def mean_over(parts: list[dict[str, float]]) -> dict[str, float]:
+    """One set of metrics from several (learner ranks, a step's GRPO iterations): the mean of each, the max of
+    `*_max` metrics."""
+    keys = parts[0].keys()
+    return {k: (max if k.endswith("_max") else fmean)(r[k] for r in parts) for k in keys}
 
 
 def accuracy_by_tier(correct: list[float], tiers: list[int], prefix: str) -> dict[str, float]:

@@ -20,7 +20,7 @@ from typing import Any, Callable
 class InFlight:
     step: int
     ids: list[str]
-    pending: Any = None  # what `send` returned, until collected
+    pending: Any = None  # what `send` returned, until collected (neither: drawn, sent once due)
     rollouts: list[dict] | None = None
 
 
@@ -37,6 +37,9 @@ class RolloutPipeline:
             if ahead > self._last_sent(step - 1):
                 ids = self.draw_batch()
                 self.queue.append(InFlight(ahead, ids, self.send(ahead, ids)))
+        for f in self.queue:  # drawn, not sent (a restore dropped completions too stale): sent once due
+            if f.step <= step + self.max_staleness and f.pending is None and f.rollouts is None:
+                f.pending = self.send(f.step, f.ids)
         head = self.queue.popleft()
         if head.step != step:
             raise RuntimeError(f"rollout pipeline out of order: asked for step {step}, next in flight is {head.step}")
@@ -47,8 +50,9 @@ class RolloutPipeline:
         return [{"step": f.step, "ids": f.ids, "rollouts": self._wait(f)} for f in self.queue]
 
     def restore(self, in_flight: list[dict]) -> None:
-        """Put a checkpoint's in-flight steps back: their rollouts are not generated again."""
-        self.queue = deque(InFlight(f["step"], f["ids"], rollouts=f["rollouts"]) for f in in_flight)
+        """Put a checkpoint's in-flight steps back: their rollouts are not generated again (an entry without
+        `rollouts` keeps its batch and is generated anew when due)."""
+        self.queue = deque(InFlight(f["step"], f["ids"], rollouts=f.get("rollouts")) for f in in_flight)
 
     def discard(self) -> None:
         """Drop whatever is in flight (a restore from a checkpoint follows)."""

@@ -53,6 +53,15 @@ class StopOnSignal:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def reclaim(self) -> None:
+        """Take the signals back after `ray.init`: Ray's core worker installs a fatal-signal handler for SIGTERM in
+        the driver that prints a stack and kills the process (what `ray job stop` sends), so without this a stop
+        dies mid-step instead of checkpointing."""
+        import signal
+
+        for sig in self._previous:
+            signal.signal(sig, self._handle)
+
 
 def mark_failed(tracker, err: BaseException | None, status: str = "FAILED") -> None:
     """Mark the MLflow run FAILED (KILLED when interrupted) if the store lets us; a store that fails too (e.g.
@@ -92,6 +101,11 @@ class StopWindow:
     def __init__(self, console, grace_s: float, environ=os.environ):
         self.console, self.grace_s, self.window = console, grace_s, job_stop_window_s(environ)
         self.warned = False
+
+    def announce(self) -> None:
+        if self.window is not None:
+            self.console.print(f"a Ray job: `ray job stop` leaves {self.window:.0f} s ({STOP_WAIT_ENV}) to finish the "
+                               f"step and checkpoint", soft_wrap=True)
 
     def check(self, step_s: float, checkpoint_s: float) -> None:
         need = step_s + checkpoint_s + SHUTDOWN_S

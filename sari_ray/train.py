@@ -56,6 +56,7 @@ class Trainer:
         self.state["mlflow_run_id"], self.state["tracking_uri"] = self.tracker.run_id, self.tracker.tracking_uri
         self.console.print(f"MLflow run {self.tracker.run_id} at {self.tracker.tracking_uri}")
         self.stop_window = StopWindow(self.console, cfg.cluster.stop_grace_s)
+        self.stop_window.announce()
         self.stop_window.check(0.0, checkpoints.expected_bytes(self.out, self.model_path) / WRITE_BYTES_PER_S)
         self.last_checkpoint = (time.monotonic(), 0.0)  # (when, seconds it took)
         self._start_actors(checkpoint)
@@ -66,6 +67,7 @@ class Trainer:
 
         cfg = self.cfg
         self.reaper = wiring.connect(cfg)
+        self.stop.reclaim()
         wiring.wait_for_resources(cfg)
         with self.phase("startup"):
             self.curriculum = wiring.start_curriculum(cfg, self.tiers)
@@ -157,7 +159,7 @@ class Trainer:
                     per_rank = self.learners.call_sharded("sft_step", split_padded(rows, len(self.learners), "_weight"),
                                                           cfg.sft.style, cfg.sft.learning_rate)
                 s["sft_step"] += 1
-                m = metrics_lib.mean_over_ranks(per_rank)
+                m = metrics_lib.mean_over(per_rank)
                 self.tracker.log_metrics({**m, "time/sft_step": self.timings["time/sft_step"]}, s["sft_step"])
                 if s["sft_step"] % 10 == 0 or s["sft_step"] == cfg.sft.steps:
                     self.console.print(f"sft {s['sft_step']}/{cfg.sft.steps} loss {m['sft/loss']:.3f}")
@@ -197,10 +199,10 @@ class Trainer:
         with self.phase("learn"):
             records = training_records(rollouts, scores, self.audio_of, g, cfg.grpo.scale_rewards,
                                        cfg.grpo.drop_uniform_groups)
-            learn = metrics_lib.mean_over_ranks(self.learners.call_sharded(
+            learn = metrics_lib.mean_over(self.learners.call_sharded(
                 "grpo_step", split_padded(records, len(self.learners), "weight"), cfg.grpo.learning_rate)) if records else {}
-        with self.phase("sync"):
-            sync = self.sync_weights()
+        with self.phase("sync"):  # nothing learned (every group uniform and dropped): the weights stay as they are
+            sync = self.sync_weights() if records else {"bytes": 0.0, "buckets": 0, "seconds": 0.0}
         extra = {**learn, **self.ask_curriculum("metrics"), "learn/records": len(records),
                  "faults/rollout_restarts": s.get("faults", {}).get("rollout_restarts", 0)}
         m = metrics_lib.grpo_step_metrics(completions, scores, [is_truncated(c) for c in completions],
@@ -269,6 +271,8 @@ class Trainer:
         return trainer_state.save(self)
 
     def finish(self, seconds: float) -> dict[str, Any]:
+        from sari_ray.report import write_report
+
         s = self.state
         final, final_items = self.evaluate()
         self.tracker.log_metrics(final, s["step"])
@@ -276,8 +280,12 @@ class Trainer:
         summary = {**metrics_lib.run_summary(s, seconds, final, final_items, {x.id: x.tier or 0 for x in self.eval_set}),
                    "mlflow_run_id": self.tracker.run_id, "tracking_uri": self.tracker.tracking_uri,
                    "output_dir": str(self.out)}
+        summary["report"] = str(write_report(self.out / "report.png", s["curve"], summary["promotions"],
+                                             summary["after_sft_eval"], final, summary["grpo_gain"],
+                                             title=f"{self.cfg.run.name}: {self.out.name}"))
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         self.tracker.log_dict(summary, "summary.json")
+        self.tracker.log_artifact(summary["report"])
         self.tracker.finish()
         return summary
 

@@ -90,4 +90,26 @@ def restore(trainer, checkpoint: Path) -> None:
     trainer.learners.call("load_checkpoint", str(checkpoint))
     # engines restart from the base model: give them the checkpoint's weights, as the version they were
     trainer.sync_weights(new_version=False)
-    trainer.pipeline.restore(checkpoints.read_in_flight(checkpoint))
+    in_flight = checkpoints.read_in_flight(checkpoint)
+    bound = trainer.cfg.rollout.max_staleness
+    kept = within_staleness(in_flight, trainer.state["weight_version"], bound)
+    if kept != in_flight:
+        trainer.console.print(f"rollout.max_staleness={bound} is lower than the run's was: the completions the "
+                              f"checkpoint kept for steps {[f['step'] for f in kept if 'rollouts' not in f]} "
+                              f"are too stale now and are generated again (same batches)")
+    trainer.pipeline.restore(kept)
+
+
+def within_staleness(in_flight: list[dict], weight_version: int, max_staleness: int) -> list[dict]:
+    """A checkpoint's in-flight steps, without the completions that would be more than `max_staleness` weight
+    versions old when their step trains (a resume that lowers rollout.max_staleness): those keep their batch and
+    are generated again. Step t + j after a checkpoint at t trains at version weight_version + j - 1."""
+    if not in_flight:
+        return in_flight
+    first = in_flight[0]["step"]
+    out = []
+    for f in in_flight:
+        trained_at = weight_version + f["step"] - first
+        versions = [c["weight_version"] for r in f["rollouts"] for c in r["completions"]]
+        out.append(f if trained_at - min(versions) <= max_staleness else {"step": f["step"], "ids": f["ids"]})
+    return out

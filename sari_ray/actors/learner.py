@@ -30,13 +30,18 @@ class LearnerActor:
 
     def export_weight_bucket_refs(self, bucket_bytes: int, include_frozen: bool = True) -> tuple[list, int]:
         """Buckets go into the object store as each fills; only their refs travel to the driver, with their total
-        size. Call on every rank (ZeRO-3 gathers are collectives); rank 0 returns the refs, the others ([], 0)."""
+        size. Call on every rank (ZeRO-3 gathers are collectives); rank 0 returns the refs, the others ([], 0).
+        A failing `ray.put` on rank 0 makes every rank raise (`DeepSpeedLearner.export_weight_buckets`)."""
         import ray
 
-        refs, nbytes = [], 0
-        for bucket in self.learner.export_weight_buckets(bucket_bytes, include_frozen):
-            refs.append(ray.put(bucket))
+        nbytes = 0
+
+        def put(bucket: bytes):
+            nonlocal nbytes
             nbytes += len(bucket)
+            return ray.put(bucket)
+
+        refs = self.learner.export_weight_buckets(bucket_bytes, include_frozen, put=put)
         return refs, nbytes
 
     def weight_sync_plan(self, bucket_bytes: int, include_frozen: bool = True) -> list:

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import ray
 
-from sari_ray.actors.group import ActorGroup, SetupTimeout, StepTimeout, first_line, get_all, get_within
+from sari_ray.actors.group import ActorDied, ActorGroup, SetupTimeout, StepTimeout, first_line, get_all, get_within
 
 
 class RolloutWorkerLost(RuntimeError):
@@ -141,6 +141,9 @@ class RolloutGroup(ActorGroup):
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
                     self._recover(i, first_line(err), died=True)  # the process died (signal, OOM, node loss)
                 except ray.exceptions.RayTaskError as err:  # the worker lives but its call raised
+                    if isinstance(err.cause, ray.exceptions.ObjectLostError):  # weights whose owner is gone
+                        raise ActorDied("learner", 0, what, f"the weight buckets learner rank 0 put in the object "
+                                                            f"store are lost with it: {first_line(err)}") from None
                     cause = first_line(err)
                     if raised.get(i) == cause:
                         shard = f"prompts {ids[i]}" if ids and i in ids else "its shard"

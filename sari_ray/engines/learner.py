@@ -11,13 +11,14 @@ are collectives under ZeRO-3: call them on every rank.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -28,8 +29,16 @@ from sari_ray.engines.weight_buckets import (bucket_layout, frozen_audio_prefixe
                                              hf_to_checkpoint_names, iter_tensor_buckets, iter_weight_buckets,
                                              tensors_checksum)
 from sari_ray.engines.weight_sync_group import backend_for, join_group, open_store, send_buckets
+from sari_ray.metrics import mean_over
 from sari_ray.models import policy as policy_lib
 from sari_ray.prompts import PromptStyle, build_messages, render_prompt, sft_target
+
+_T = TypeVar("_T")
+
+
+class Rank0Failed(RuntimeError):
+    """Raised on learner ranks 1..N when rank 0 failed in a method they took part in (a weight export, broadcast or
+    save): rank 0 raises its own error at the same point, and every rank is ready for the next call."""
 
 
 @dataclass
@@ -170,6 +179,12 @@ class DeepSpeedLearner:
 
         records: prompt (rendered text), audio (path), completion_ids, sampling_logprobs, advantage,
         truncated, weight (0 for padding).
+
+        Returns this rank's metrics. Each `policy/*` metric that every iteration measures (loss, grad_norm,
+        clip fractions, ratio and importance-weight means, kl, entropy, logprob_gap_vllm) is its mean over the
+        step's `num_iterations` updates, and `policy/*_max` metrics their max over them (within an update:
+        token-weighted means over this rank's micro-batches, see `_accumulate`); the driver then combines ranks
+        the same way (`metrics.mean_over`).
         """
         t0 = time.perf_counter()
         settings = self.grpo
@@ -191,7 +206,7 @@ class DeepSpeedLearner:
         local_tokens = float(sum(len(r["completion_ids"]) for r in active))
         tokens, seqs = self._all_reduce_sum(local_tokens, sum(1 for r in active if r["completion_ids"]))
         normalizer = grpo.StepNormalizer(num_tokens=tokens, num_sequences=seqs)
-        accum: dict[str, float] = {}
+        per_iteration: list[dict[str, float]] = []
         for _ in range(settings.num_iterations):
             def micro_loss(batch_rows, batch, index):
                 logprobs, entropy = policy_lib.completion_logprobs(self.engine.module, batch, temperature=self.temperature,
@@ -221,7 +236,8 @@ class DeepSpeedLearner:
                 extra.update({"logprob_gap_vllm": float(gap) * share, "entropy": float(ent) * share})
                 return loss * self.world_size, extra
 
-            accum = self._accumulate(records, micro_loss, learning_rate, inputs, frozen)
+            per_iteration.append(self._accumulate(records, micro_loss, learning_rate, inputs, frozen))
+        accum = mean_over(per_iteration)
         out = {f"policy/{k}": v for k, v in accum.items() if k not in ("loss", "grad_norm")}
         out.update({"policy/loss": accum["loss"], "policy/grad_norm": accum["grad_norm"],
                     "policy/lr": learning_rate, "time/learn_rank": time.perf_counter() - t0,
@@ -362,6 +378,64 @@ class DeepSpeedLearner:
             skip += frozen_audio_prefixes(self.arch)
         return skip
 
+    def _on_rank0(self, what: str, groups: Iterator[dict[str, torch.Tensor]],
+                  work: Callable[[Iterator[dict[str, torch.Tensor]]], _T]) -> _T | None:
+        """Rank 0 runs `work` over the layer groups (it sends or writes them; returns work's result); the other
+        ranks only take part in the gathers (return None). After each group, and once more when `work` is done,
+        every rank agrees that rank 0 is still fine: one all-reduce of one number over the learners' group.
+
+        Why: under ZeRO-3 each group's gather is a collective. Had rank 0 failed while sending or writing (the
+        object store, the engines' broadcast, a full disk), the other ranks would have gone on to the next
+        group's gather and waited there forever. Now rank 0 raises its own error and the others `Rank0Failed`,
+        all at the same group, with every gather released: the learners stay usable (e.g. for the object-store
+        fallback of a failed collective sync). Done at every ZeRO stage, so all ranks always end alike."""
+        if self.world_size == 1:
+            return work(groups)
+        with contextlib.closing(groups):
+            if self.rank != 0:
+                index = 0
+                for index, _ in enumerate(groups, 1):
+                    self._raise_if_rank0_failed(what, f"at layer group {index}")
+                self._raise_if_rank0_failed(what, f"after the last layer group ({index})")
+                return None
+            agreeing = False
+
+            def agreed() -> Iterator[dict[str, torch.Tensor]]:
+                nonlocal agreeing
+                for group in groups:
+                    yield group
+                    agreeing = True
+                    self._all_ok(True)  # cannot fail: only rank 0 says no
+                    agreeing = False
+
+            checked = agreed()
+            try:
+                result = work(checked)
+                for _ in checked:  # groups `work` left unread: the others still take part in each
+                    pass
+            except BaseException:
+                if not agreeing:  # else the collective itself broke: nothing more can be said
+                    with contextlib.suppress(Exception):  # rank 0's own error is the one to raise
+                        self._all_ok(False)
+                raise
+            finally:
+                checked.close()
+            self._all_ok(True)
+            return result
+
+    def _all_ok(self, ok: bool) -> bool:
+        """Whether every learner rank says ok (one all-reduce of one number)."""
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _raise_if_rank0_failed(self, what: str, where: str) -> None:
+        if not self._all_ok(True):
+            raise Rank0Failed(f"{what}: learner rank 0 failed {where} and raised the error (see rank 0's result or "
+                              f"log); rank {self.rank} stopped there too")
+
     def _gathered(self, tensors: list[torch.Tensor]):
         if self.zero_stage != 3:
             return contextlib.nullcontext()
@@ -369,15 +443,17 @@ class DeepSpeedLearner:
 
         return deepspeed.zero.GatheredParameters([t for t in tensors if hasattr(t, "ds_id")], modifier_rank=None)
 
-    def export_weight_buckets(self, bucket_bytes: int, include_frozen: bool = True) -> Iterator[bytes]:
-        """The model as safetensors buckets in the published checkpoint layout (for the engines), each yielded
-        as soon as it is full; only rank 0 yields any. include_frozen=False leaves out a frozen audio encoder."""
+    def export_weight_buckets(self, bucket_bytes: int, include_frozen: bool = True,
+                              put: Callable[[bytes], Any] | None = None) -> list:
+        """The model as safetensors buckets in the published checkpoint layout (for the engines), each handed to
+        `put` as soon as it is full (e.g. `ray.put`; default: kept as bytes). Rank 0 returns what `put` returned,
+        bucket by bucket; the other ranks only take part in the gathers and return []. include_frozen=False
+        leaves out a frozen audio encoder. If rank 0 fails (in `put` too), every rank raises (`_on_rank0`)."""
         groups = self._layer_groups(engine_only=True, skip_frozen=not include_frozen)
-        if self.rank != 0:
-            for _ in groups:  # take part in each gather
-                pass
-            return
-        yield from iter_weight_buckets(groups, bucket_bytes)
+        keep = put or (lambda bucket: bucket)
+        result = self._on_rank0("weight export", groups,
+                                lambda checked: [keep(bucket) for bucket in iter_weight_buckets(checked, bucket_bytes)])
+        return result if self.rank == 0 else []
 
     # The collective path (`weight_sync_group`): rank 0 broadcasts each bucket as one flat tensor to the engines.
     def weight_sync_plan(self, bucket_bytes: int, include_frozen: bool = True) -> list[list[tuple]]:
@@ -402,14 +478,12 @@ class DeepSpeedLearner:
 
     def broadcast_weights(self, plan: list[list[tuple]], bucket_bytes: int, include_frozen: bool = True) -> int:
         """Rank 0 broadcasts the buckets `plan` lays out over the sync group (returns bytes sent); the other
-        ranks only take part in the gathers (ZeRO-3) and return 0. Call on every rank."""
+        ranks only take part in the gathers (ZeRO-3) and return 0. Call on every rank. If rank 0 fails (the
+        broadcast too), every rank raises (`_on_rank0`)."""
         groups = self._layer_groups(engine_only=True, skip_frozen=not include_frozen, to_cpu=self.device == "cpu")
-        if self.rank != 0:
-            for _ in groups:
-                pass
-            return 0
-        buckets = iter_tensor_buckets(groups, bucket_bytes, device=None)
-        return send_buckets(self._sync_group, buckets, plan, self.device)
+        sent = self._on_rank0("weight broadcast", groups, lambda checked: send_buckets(
+            self._sync_group, iter_tensor_buckets(checked, bucket_bytes, device=None), plan, self.device))
+        return sent if self.rank == 0 else 0
 
     def param_sums(self) -> dict[str, float]:
         """{published name: float64 sum} of what the engines hold, on every rank (ranks must agree), to compare
@@ -442,34 +516,41 @@ class DeepSpeedLearner:
 
     def save_model(self, directory: str, shard_bytes: int = 4 * 2**30) -> None:
         """A checkpoint that vLLM and `sari-ray eval` load: published layout, safetensors (sharded with an
-        index above `shard_bytes`, as published checkpoints are), processor. Call on every rank."""
+        index above `shard_bytes`, as published checkpoints are), processor. Call on every rank; rank 0 writes.
+        If rank 0 fails, every rank raises (`_on_rank0`).
+
+        Qwen2.5-Omni: the learner holds the thinker only, so only the thinker's weights are written, and the
+        Omni config.json is written with `enable_audio_output: false` (`_omni_config_for_thinker`): transformers
+        then builds exactly the thinker those weights fill, and vLLM still loads it as the Omni model."""
         from safetensors.torch import save_file
 
         out = Path(directory)
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        files: list[str] = []
-        if self.rank == 0:
+
+        def write(groups: Iterator[dict[str, torch.Tensor]]) -> None:
+            shards: list[dict[str, torch.Tensor]] = [{}]
+            files: list[str] = []
             out.mkdir(parents=True, exist_ok=True)
 
-        def flush() -> None:
-            files.append(f"model-{len(files) + 1:05d}.safetensors")
-            save_file(shards[0], str(out / files[-1]), metadata={"format": "pt"})
-            shards[0] = {}
+            def flush() -> None:
+                files.append(f"model-{len(files) + 1:05d}.safetensors")
+                save_file(shards[0], str(out / files[-1]), metadata={"format": "pt"})
+                shards[0] = {}
 
-        for group in self._layer_groups():
-            if not group:
-                continue  # not rank 0
-            if shards[0] and _nbytes(shards[0]) + _nbytes(group) > shard_bytes:
-                flush()
-            shards[0].update({name: t.contiguous() for name, t in group.items()})
-        if self.rank != 0:
-            return
-        flush()
-        _name_shards(out, files)
-        source = Path(self.model_path)
-        for item in source.iterdir():  # config, tokenizer, processor, generation config, chat template
-            if item.is_file() and not item.name.endswith((".safetensors", ".bin")) and item.name != "model.safetensors.index.json":
-                (out / item.name).write_bytes(item.read_bytes())
+            for group in groups:
+                if shards[0] and _nbytes(shards[0]) + _nbytes(group) > shard_bytes:
+                    flush()
+                shards[0].update({name: t.contiguous() for name, t in group.items()})
+            flush()
+            _name_shards(out, files)
+            source = Path(self.model_path)
+            for item in source.iterdir():  # config, tokenizer, processor, generation config, chat template
+                if (item.is_file() and not item.name.endswith((".safetensors", ".bin"))
+                        and item.name != "model.safetensors.index.json"):
+                    (out / item.name).write_bytes(item.read_bytes())
+            if self.arch == "qwen2.5-omni":
+                _omni_config_for_thinker(out / "config.json")
+
+        self._on_rank0("model save", self._layer_groups(), write)
 
 
 def _init_loopback_process_group(backend: str, rank: int, world_size: int, port: int):
@@ -506,14 +587,27 @@ def _register_direct_weight_reads(model: torch.nn.Module) -> None:
             deepspeed.zero.register_external_parameter(module, positions.weight)
 
 
+def _omni_config_for_thinker(path: Path) -> None:
+    """An Omni config.json (the base checkpoint's, copied) made to describe the thinker-only weights written
+    beside it: `enable_audio_output` false, so `Qwen2_5OmniForConditionalGeneration` builds no talker and no
+    token2wav (the published config enables them: loading the export would initialise them at random).
+
+    Why not the thinker's own config (`qwen2_5_omni_thinker`): vLLM loads these checkpoints (`sari-ray eval`,
+    the checkpoint sweep) and its Qwen2.5-Omni model needs the Omni config (it reads `thinker_config`; the
+    thinker architecture is not in its registry). The talker and token2wav sections stay, as a description of
+    the base model's (`enable_talker()` would build them); a thinker-only config is copied unchanged."""
+    config = json.loads(path.read_text())
+    if config.get("model_type") == "qwen2_5_omni" and config.get("enable_audio_output", True):
+        config["enable_audio_output"] = False
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
 def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _name_shards(out: Path, files: list[str]) -> None:
     """One shard -> model.safetensors; several -> model-0000i-of-0000n.safetensors + the HF index."""
-    import json
-
     from safetensors import safe_open
 
     if len(files) == 1:

@@ -3,6 +3,7 @@ given the current weights and asked again; one that keeps dying stops the run na
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -160,3 +161,44 @@ def test_an_error_that_is_not_a_fault_is_retried_once_then_stops_naming_worker_p
         group.sharded("generate", [shard])
     assert group.restart_count == 1 and len(events) == 1  # one retry, on a restarted worker
     assert isinstance(RolloutRequestError("x"), ValueError)  # the CLI prints it without a traceback
+
+
+class BucketOwner:
+    """Learner rank 0's part in an object-store sync: it puts the buckets, so it owns them."""
+
+    def export(self):
+        import ray
+
+        return [ray.put(b"w" * 2**21)]  # inside a list: the refs stay owned by this actor (2 MiB: in the store)
+
+
+class LoadingWorker(FlakyWorker):
+    def load_weights(self, refs, version):
+        import ray
+
+        ray.get(refs)  # what the rollout worker does with each bucket
+        return super().load_weights(refs, version)
+
+
+def test_weight_buckets_lost_with_their_owner_are_the_learners_death_not_the_workers(ray_local, tmp_path):
+    """Learner rank 0 owns the buckets it puts; if it dies before a worker loads them, the load fails on lost
+    objects. That is the learner's death (the driver restarts the learners from a checkpoint), not the healthy
+    worker's: the worker is not killed and restarted into the same lost objects."""
+    from sari_ray.actors.group import ActorDied
+    from sari_ray.actors.rollout_group import RolloutGroup
+
+    (tmp_path / "die_on").write_text("")
+    owner = ray_local.remote(BucketOwner).options(num_cpus=0).remote()
+    worker = ray_local.remote(LoadingWorker).options(max_restarts=2, max_task_retries=0, num_cpus=0).remote(
+        str(tmp_path))
+    group = RolloutGroup([worker], 2, 120)
+    fresh = ray_local.get(owner.export.remote())  # a sync's buckets, not loaded before their owner dies
+    ray_local.kill(owner)
+    with pytest.raises(ray_local.exceptions.OwnerDiedError):  # the buckets are lost with it, as Ray tells the driver
+        for _ in range(120):
+            ray_local.get(fresh[0], timeout=30)
+            time.sleep(0.5)
+    with pytest.raises(ActorDied, match=r"learner rank 0 died during load_weights \(the weight buckets learner rank 0 "
+                                        r"put in the object store are lost with it"):
+        group.load_weights(fresh, 2)
+    assert group.restart_count == 0

@@ -47,7 +47,10 @@ def test_rewards_curriculum_and_metrics_in_mlflow(short_training_run):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "reward/mean")] == [1, 2, 3, 4]
     assert run.data.params["grpo.num_generations"] == "2"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "summary.json", "completions"} <= artifacts
+    assert {"config.yaml", "summary.json", "completions", "report.png"} <= artifacts
+    report = short_training_run["output_dir"] / "report.png"  # the run's picture, beside summary.json
+    assert short_training_run["summary"]["report"] == str(report)
+    assert report.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and report.stat().st_size > 10_000
     steps = [json.loads(line)["step"] for line in (short_training_run["output_dir"] / "batches.jsonl").open()]
     assert steps == [1, 2, 3, 4]
     state = json.loads((short_training_run["output_dir"] / "checkpoints" / "step_000004" / "trainer_state.json").read_text())
@@ -88,3 +91,53 @@ def test_resume_continues_same_data_order_and_mlflow_run(short_training_run, tmp
     assert uninterrupted.keys() == resumed_weights.keys()
     diff = max(float((uninterrupted[k] - resumed_weights[k]).abs().max()) for k in uninterrupted)
     assert diff <= 1e-6, f"resumed weights differ from the uninterrupted run's by up to {diff}"
+
+
+def test_resume_with_a_lower_staleness_bound_generates_the_too_stale_rollouts_again(short_training_run, tmp_path,
+                                                                                    tiny_qwen2_audio, synth_data, capsys):
+    """The short run is asynchronous (rollout.max_staleness=1): its step-2 checkpoint keeps step 3's completions,
+    sampled one weight version back. Resumed with max_staleness=0 they are too stale: step 3 is generated again
+    with the same batch, instead of the run dying with "a rollout worker missed a weight sync"."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from sari_ray.checkpoints import STATE_FILE, read_in_flight
+    from sari_ray.train import run_training
+
+    src, out = short_training_run["output_dir"], tmp_path / "run"
+    shutil.copytree(src / "checkpoints" / "step_000002", out / "checkpoints" / "step_000002")
+    lines = (src / "batches.jsonl").read_text().splitlines()
+    (out / "batches.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    state_file = out / "checkpoints" / "step_000002" / STATE_FILE
+    state = json.loads(state_file.read_text())
+    state["mlflow_run_id"] = state["tracking_uri"] = None  # a run of its own (a local store), not the reference's
+    state_file.write_text(json.dumps(state))
+    assert [f["step"] for f in read_in_flight(out / "checkpoints" / "step_000002")] == [3]
+    summary = run_training([str(REPO / "configs" / "demo_cpu.yaml")],
+                           short_run_overrides(out, synth_data, tiny_qwen2_audio)
+                           + ["run.resume=true", "rollout.max_staleness=0"])
+    assert "checkpoint kept for steps [3] are too stale now and are generated again" in capsys.readouterr().out
+    assert (out / "batches.jsonl").read_text().splitlines() == lines  # the same batches, every step once
+    history = MlflowClient(summary["tracking_uri"]).get_metric_history(summary["mlflow_run_id"], "rollout/staleness_max")
+    assert {m.step: m.value for m in history} == {3: 0.0, 4: 0.0}
+
+
+def test_a_step_with_nothing_to_learn_keeps_the_weight_version(tmp_path, tiny_qwen2_audio, synth_data):
+    """Every group uniform and dropped (format-only reward: the tiny model never writes the structured format):
+    no learner update, so no new weight version and no weights shipped."""
+    from sari_ray.train import run_training
+
+    summary = run_training([str(REPO / "configs" / "demo_cpu.yaml")],
+                           short_run_overrides(tmp_path, synth_data, tiny_qwen2_audio)
+                           + ["sft.steps=0", "grpo.steps=2", "reward.accuracy_weight=0", "grpo.drop_uniform_groups=true",
+                              "eval.max_samples=2", "eval.silent_audio=false"])
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(summary["tracking_uri"])
+
+    def values(key):
+        return [m.value for m in sorted(client.get_metric_history(summary["mlflow_run_id"], key), key=lambda m: m.step)]
+
+    assert values("learn/records") == [0.0, 0.0]  # the premise: nothing to learn at either step
+    assert values("rollout/weight_version") == [0.0, 0.0] and values("sync/bytes") == [0.0, 0.0]

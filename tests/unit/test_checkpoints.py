@@ -57,6 +57,35 @@ def test_stale_staging_is_dropped_and_never_counted(tmp_path):
     assert checkpoints.drop_stale_staging(tmp_path) == [stale] and not stale.exists()
 
 
+def test_a_kill_between_the_two_renames_of_a_rewrite_keeps_the_complete_checkpoint(tmp_path, monkeypatch):
+    """A replayed step rewrites its checkpoint: the old one is set aside, then the new one renamed in. Killed
+    between the two renames, the next start must put the old (complete) one back, not delete it as staging."""
+    import os
+
+    write_checkpoint(tmp_path, 2)
+    real_replace, calls = os.replace, []
+
+    def killed_at_the_second_rename(src, dst):  # of a directory (write_json renames files too)
+        if Path(src).is_dir():
+            calls.append(Path(src).name)
+            if len(calls) == 2:
+                raise KeyboardInterrupt("SIGKILL")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoints.os, "replace", killed_at_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        with checkpoints.staged(checkpoints.step_dir(tmp_path, 2)) as staging:
+            checkpoints.write_json(staging / checkpoints.STATE_FILE, {"step": 2, "again": True})
+    monkeypatch.setattr(checkpoints.os, "replace", real_replace)
+    assert calls[0] == "step_000002" and not checkpoints.step_dir(tmp_path, 2).exists()  # set aside, not replaced
+    # staged() removes its own staging on the way out; a SIGKILL would have left it too
+    dropped = checkpoints.drop_stale_staging(tmp_path)
+    assert [p.name for p in dropped] == []
+    assert checkpoints.latest_checkpoint(tmp_path).name == "step_000002"
+    assert json.loads((checkpoints.step_dir(tmp_path, 2) / checkpoints.STATE_FILE).read_text()) == {"step": 2}
+    assert (checkpoints.step_dir(tmp_path, 2) / "learner" / "state.pt").exists()
+
+
 def test_rotation_keeps_the_newest_and_the_sft_checkpoint(tmp_path):
     for step in (0, 10, 20, 30, 40):
         write_checkpoint(tmp_path, step)

@@ -26,7 +26,7 @@ def test_rollout_metrics_and_per_sample_accuracy():
     assert m["completion/length_mean"] == 7.0 and m["completion/truncated_frac"] == 0.25
     assert m["reward/accuracy_tier0"] == 0.5 and m["reward/accuracy_tier1"] == 0.5
     assert metrics.per_sample_accuracy(["a", "a", "b", "b"], scores) == {"a": 0.5, "b": 0.5}
-    assert metrics.mean_over_ranks([{"x": 1.0}, {"x": 3.0}]) == {"x": 2.0}
+    assert metrics.mean_over([{"x": 1.0}, {"x": 3.0}]) == {"x": 2.0}
     by_tier = metrics.accuracy_by_tier([True, False, True], [0, 0, 2], "eval")
     assert by_tier == {"eval/accuracy": pytest.approx(2 / 3), "eval/accuracy_tier0": 0.5, "eval/accuracy_tier2": 1.0}
 

@@ -85,3 +85,26 @@ def test_asking_out_of_order_is_an_error():
     pipe = run(1, 5, range(1, 2), rec)
     with pytest.raises(RuntimeError, match="asked for step 3, next in flight is 2"):
         pipe.take(3)
+
+
+def _in_flight(step: int, version: int) -> dict:
+    return {"step": step, "ids": [f"b{step}"], "rollouts": [{"completions": [{"weight_version": version}]}]}
+
+
+def test_a_resume_with_a_lower_staleness_bound_regenerates_the_too_stale_completions_of_the_same_batches():
+    """Checkpointed at step 2 (weights v5) with max_staleness 2: steps 3 and 4 in flight, sent under v4 and v5.
+    Resumed with max_staleness 0: step 3 trains at v5 (staleness 1), step 4 at v6 (staleness 1): both are
+    generated again, each when due, with the batch the checkpoint recorded; nothing is drawn anew for them."""
+    from sari_ray.trainer_state import within_staleness
+
+    in_flight = [_in_flight(3, 4), _in_flight(4, 5)]
+    assert within_staleness(in_flight, 5, 2) == in_flight  # the bound it ran with: kept as they are
+    assert within_staleness(in_flight, 5, 1) == in_flight
+    kept = within_staleness(in_flight, 5, 0)
+    assert kept == [{"step": 3, "ids": ["b3"]}, {"step": 4, "ids": ["b4"]}]
+    rec = Recorder()
+    pipe = RolloutPipeline(0, 5, rec.draw, rec.send, rec.collect)
+    pipe.restore(kept)
+    run(0, 5, range(3, 6), rec, pipe)
+    assert rec.log == ["send 3 b3", "wait 3", "train 3 b3", "send 4 b4", "wait 4", "train 4 b4",
+                       "draw b1", "send 5 b1", "wait 5", "train 5 b1"]

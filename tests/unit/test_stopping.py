@@ -62,3 +62,17 @@ def test_a_checkpoint_is_due_by_steps_at_the_end_and_by_wall_time(monkeypatch):
     assert trainer_state.checkpoint_due(cfg, 11, now - 121)  # two minutes since the last one
     off = load_config(DEMO, ["checkpoint.every=10", "grpo.steps=25"])
     assert not trainer_state.checkpoint_due(off, 11, now - 10**6)
+
+
+def test_the_stop_handler_takes_sigterm_back_from_whoever_took_it_after_it():
+    """Ray's core worker installs its own SIGTERM handler at ray.init (after ours): reclaim() puts ours back."""
+    import signal
+
+    from sari_ray.stopping import StopOnSignal
+
+    with StopOnSignal() as stop:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # what a later handler install does
+        stop.reclaim()
+        assert signal.getsignal(signal.SIGTERM) == stop._handle
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.requested == "SIGTERM"
