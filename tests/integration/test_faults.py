@@ -92,23 +92,21 @@ def test_kill_9_of_the_reward_scorer_then_of_the_curriculum_scheduler_during_grp
     def grpo_batches(n):
         return lambda: batches.exists() and batches.read_text().count("\n") >= n
 
+    def kill_9(actor: str, back: str) -> float:
+        """kill -9 of the actor's process; seconds until the console says the run goes on."""
+        found = actor_processes(proc.pid, actor)
+        assert len(found) == 1, [p.cmdline()[0] for p in found]
+        found[0].send_signal(signal.SIGKILL)
+        t_kill = time.monotonic()
+        wait_for(lambda: back in log_text(out), proc)
+        return time.monotonic() - t_kill
+
     proc = start(out, tiny_qwen2_audio, synth_data)
     wait_for(grpo_batches(1), proc)
     procs = run_processes(proc.pid)
-    scorer = actor_processes(proc.pid, "RewardScorer")
-    assert len(scorer) == 1, [p.cmdline()[0] for p in scorer]
-    scorer[0].send_signal(signal.SIGKILL)
-    t_kill = time.monotonic()
-    wait_for(lambda: "a new reward scorer asked again" in log_text(out), proc)
-    reward_back_s = time.monotonic() - t_kill
-
+    reward_back_s = kill_9("RewardScorer", "a new reward scorer asked again")
     wait_for(grpo_batches(3), proc)  # checkpoints at steps 0 and 2: the curriculum dies in step 4
-    curriculum = actor_processes(proc.pid, "CurriculumScheduler")
-    assert len(curriculum) == 1, [p.cmdline()[0] for p in curriculum]
-    curriculum[0].send_signal(signal.SIGKILL)
-    t_kill = time.monotonic()
-    wait_for(lambda: "curriculum scheduler back after" in log_text(out), proc)
-    curriculum_back_s = time.monotonic() - t_kill
+    curriculum_back_s = kill_9("CurriculumScheduler", "curriculum scheduler back after")
     procs += run_processes(proc.pid)
     proc.wait(900)
     text = log_text(out)

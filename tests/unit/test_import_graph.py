@@ -24,8 +24,9 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports_of(path: Path) -> set[str]:
-    """sari_ray modules a file imports anywhere (top level or inside functions)."""
+def imports_of(path: Path, package: str = "sari_ray") -> set[str]:
+    """Modules a file imports anywhere (top level or inside functions) whose names start with `package`
+    ("": all of them)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -33,7 +34,7 @@ def imports_of(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
             found.update(f"{node.module}.{a.name}" for a in node.names)  # `from sari_ray import evaluate`
-    return {name for name in found if name.startswith("sari_ray")}
+    return {name for name in found if name.startswith(package)}
 
 
 @pytest.fixture(scope="module")
@@ -105,18 +106,8 @@ def test_logic_layer_reaches_no_engine_package_in_the_source(graph):
     modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
     for name in LOGIC_MODULES:
         for reached in {name} | reachable(graph, name):
-            heavy = {i.split(".")[0] for i in _all_imports(modules[reached])} & set(ENGINE_PACKAGES)
+            heavy = {i.split(".")[0] for i in imports_of(modules[reached], "")} & set(ENGINE_PACKAGES)
             assert not heavy, f"{name} reaches {reached}, which imports {sorted(heavy)}"
-
-
-def _all_imports(path: Path) -> set[str]:
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
-    return found
 
 
 def test_logic_layer_imports_with_the_engine_packages_unimportable():
