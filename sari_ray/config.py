@@ -35,9 +35,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class RunConfig:
-    name: str = "sari-ray"
+    name: str = "sari-ray"  # names the MLflow run, the default output_dir and the KubeRay cluster / job
     output_dir: str = "runs/${run.name}"  # checkpoints, MLflow sqlite store, logs
-    seed: int = 0
+    seed: int = 0  # in [0, 2**32): seeds the eval split, SFT order, curriculum batches, vLLM sampling, learner
+    # init and synthetic data
     resume: bool = False  # continue the last checkpoint in output_dir (same MLflow run, same data order)
     device: str = "auto"  # auto | cpu | cuda
     max_restarts: int = 3  # a learner that dies: the learner group restarts from the last checkpoint this often
@@ -67,9 +68,10 @@ class ModelConfig:
 class DataConfig:
     train: str = MISSING  # file of training questions
     format: str = "jsonl"  # jsonl | mmau | r1aqa
-    audio_dir: str | None = None
+    audio_dir: str | None = None  # folder relative audio paths resolve against; None: each data file's own folder
     eval: str | None = None  # held-out file; None: split `eval_fraction` off `train`
-    eval_fraction: float = 0.1
+    eval_fraction: float = 0.1  # in (0, 1): share of `train` held out when `eval` is None (by tier, seeded by
+    # run.seed)
     invalid_rows: str = "error"  # error: stop before training listing all problems | skip: drop and count
     synth_if_missing: int = 0  # demo/tests: synthesise this many at `train` if absent (only as <new folder>/data.jsonl)
     allow_external_audio: bool = False  # audio may lie outside the data folder (audio_dir, else the file's folder)
@@ -87,23 +89,28 @@ class PromptConfig:
 @dataclass
 class RewardConfig:
     accuracy_weight: float = 1.0  # R1-AQA: equal weights; later work 2:1
-    format_weight: float = 1.0
+    format_weight: float = 1.0  # weight of the 1/0 strict format reward (the prompt style's tag grammar); >= 0
 
 
 @dataclass
 class RolloutConfig:
     num_workers: int = 1  # vLLM engines; scale independently of learners
-    num_cpus_per_worker: float = 1.0
-    num_gpus_per_worker: float = 0.0
+    num_cpus_per_worker: float = 1.0  # Ray CPUs each engine actor reserves (logical, fractions allowed; the
+    # threads it computes on: cluster.torch_threads_per_actor)
+    num_gpus_per_worker: float = 0.0  # Ray GPUs each engine actor reserves; 0 on CPU, > 0 with run.device=cuda
     resources: dict[str, float] = field(default_factory=lambda: {"rollout_slot": 1.0})  # custom Ray resources
-    tensor_parallel_size: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_model_len: int = 2048
+    tensor_parallel_size: int = 1  # vLLM tensor parallelism: devices one engine shards the model over; on GPU
+    # num_gpus_per_worker must be >= this (an actor sees only the GPUs it reserved)
+    temperature: float = 1.0  # > 0: GRPO sampling temperature; the learner divides its logits by it too
+    # (held-out evaluation is greedy)
+    top_p: float = 1.0  # in (0, 1]: nucleus cut for GRPO sampling; 1.0: off (below 1, vLLM's log-probs no
+    # longer match the learner's)
+    max_model_len: int = 2048  # vLLM context per sequence in tokens: prompt (audio: 25 per second) + completion
     gpu_memory_utilization: float = 0.3  # on CPU: fraction of RAM for the KV cache
     kv_cache_memory_gb: float | None = None  # KV cache size outright (wins over gpu_memory_utilization); None on
     # CPU: sized for one step's completions per worker x max_model_len (the fraction would reserve a share of all RAM)
-    enforce_eager: bool = True
+    enforce_eager: bool = True  # vLLM without CUDA graphs or torch.compile: faster engine start; false: captured
+    # / compiled at start for faster decoding on GPU
     max_num_batched_tokens: int | None = None  # scheduler token budget; None: vLLM's default (CPU: 65536, see engine)
     max_restarts: int = 3  # a dead worker is restarted, re-synced and its prompts re-issued this often, then the run stops
     max_staleness: int = 0  # 0: synchronous (generate, then learn); k >= 1: the rollouts of the next k steps are
@@ -113,34 +120,37 @@ class RolloutConfig:
 @dataclass
 class LearnerConfig:
     num_workers: int = 1  # DeepSpeed data-parallel ranks
-    num_cpus_per_worker: float = 1.0
-    num_gpus_per_worker: float = 0.0
-    resources: dict[str, float] = field(default_factory=lambda: {"learner_slot": 1.0})
-    zero_stage: int = 2
+    num_cpus_per_worker: float = 1.0  # Ray CPUs each rank reserves (logical, fractions allowed; the threads
+    # it computes on: cluster.torch_threads_per_actor)
+    num_gpus_per_worker: float = 0.0  # Ray GPUs each rank reserves; 0 on CPU, > 0 with run.device=cuda, >= 1
+    # with several ranks (NCCL refuses two ranks on one GPU)
+    resources: dict[str, float] = field(default_factory=lambda: {"learner_slot": 1.0})  # custom Ray resources
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0 | 1 | 2 | 3 (3 shards the parameters across ranks too)
     micro_batch_size: int = 8  # sequences per forward/backward on one rank
-    gradient_clipping: float = 1.0
-    weight_decay: float = 0.0
+    gradient_clipping: float = 1.0  # max global gradient norm per optimizer step (DeepSpeed); 0: no clipping
+    weight_decay: float = 0.0  # AdamW weight decay (SFT and GRPO); 0: none
     sync_bucket_mb: float = 64.0  # weight sync: one call per bucket of this size
     sync_backend: str = "object_store"  # object_store: buckets through Ray's object store, each worker loads when
     # free; collective: one torch.distributed group (gloo / NCCL) with learner rank 0 broadcasting bucket by bucket
-    gradient_checkpointing: bool = False
-    train_audio_encoder: bool = True
+    gradient_checkpointing: bool = False  # recompute activations in backward (HF): less memory, more compute
+    train_audio_encoder: bool = True  # false: freeze the audio encoder (no gradients, encoded once per clip per
+    # step, shipped to the engines only by the first weight sync)
 
 
 @dataclass
 class SFTConfig:
     steps: int = 0  # 0: no SFT warm-up
     batch_size: int = 16  # samples per step (all ranks)
-    learning_rate: float = 2e-5
+    learning_rate: float = 2e-5  # > 0: AdamW learning rate of every SFT step (constant, no schedule)
     style: str = "${prompt.style}"  # which reasoning target to imitate: structured | free | implicit
     checkpoint_every: int = 50  # SFT steps between checkpoints (0: only at the end); resume continues SFT there
 
 
 @dataclass
 class GRPOConfig:
-    steps: int = 100
+    steps: int = 100  # GRPO steps (after SFT); each: one batch of rollouts, num_iterations updates, a sync
     prompts_per_step: int = 16  # R1-AQA: 16 prompts x 8 completions per step
-    learning_rate: float = 1e-6
+    learning_rate: float = 1e-6  # > 0: AdamW learning rate of every GRPO update (constant, no schedule)
     num_generations: int = 8
     max_completion_length: int = 256
     scale_rewards: bool = True  # False: Dr. GRPO (no std division)
@@ -159,19 +169,21 @@ class GRPOConfig:
 @dataclass
 class CurriculumConfig:
     mode: str = "curriculum"  # curriculum (easy -> hard) | shuffled | hard_first
-    num_tiers: int = 3
+    num_tiers: int = 3  # difficulty tiers: every train / eval row needs a tier in 0..num_tiers-1 (synthetic
+    # data is made with this many)
     window: int = 64  # samples in the running accuracy per tier
-    promote_threshold: float = 0.7
-    min_steps_at_tier: int = 5
+    promote_threshold: float = 0.7  # in (0, 1]: running accuracy of the current tier that moves training to
+    # the next tier (curriculum, hard_first)
+    min_steps_at_tier: int = 5  # steps at a tier before an accuracy promotion may happen (0: at once)
     max_steps_at_tier: int | None = None  # promote anyway after this many steps (lets hard_first move on)
-    replay_fraction: float = 0.0
+    replay_fraction: float = 0.0  # in [0, 1): share of each batch drawn from tiers already passed (0: none)
 
 
 @dataclass
 class TrackingConfig:
     tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite under run.output_dir
-    experiment: str = "sari-ray"
-    log_every: int = 1
+    experiment: str = "sari-ray"  # MLflow experiment name (created if absent)
+    log_every: int = 1  # >= 1; not read yet: metrics are logged every GRPO step whatever its value
     completions_table_every: int = 10  # sample completions logged as an MLflow table
     max_outage_s: float = 120.0  # MLflow unreachable longer than this: queued entries go to <run dir>/mlflow_pending.jsonl
     request_timeout_s: float = 10.0  # one MLflow HTTP request; an unreachable server costs a step at most this once
@@ -180,7 +192,7 @@ class TrackingConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 50  # GRPO steps; a checkpoint is also written at the end of SFT and of training
-    keep_last: int = 3
+    keep_last: int = 3  # newest complete checkpoints kept, older ones deleted (the end-of-SFT one stays)
     every_minutes: float = 0.0  # also checkpoint once this much wall time has passed since the last one (0: off),
     # so a hard kill (SIGKILL, a node lost) never costs more than about this, whatever a step takes
 
@@ -188,7 +200,7 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig:
     every: int = 0  # GRPO steps between held-out evaluations; 0: only at the end
-    max_samples: int = 200
+    max_samples: int = 200  # held-out items per evaluation (the first N of the eval set; greedy)
     silent_audio: bool = True  # also evaluate with silent clips (does the model use the audio?)
 
 
