@@ -75,6 +75,12 @@ def run_summary(state: dict[str, Any], seconds: float, final: dict[str, float],
             "grpo_gain": grpo_gain(state.get("grpo_tiers", []), eval_tier_of, state.get("after_sft_items"), final_items)}
 
 
+def completions_table(step: int, scored: list[tuple]) -> list[dict[str, Any]]:
+    """Rows of MLflow's completions table: (sample, completion, score) per row."""
+    return [{"step": step, "sample_id": x.id, "tier": x.tier, "answer": x.answer, "completion": c["text"],
+             **{k: sc[k] for k in ("reward", "accuracy", "format")}} for x, c, sc in scored]
+
+
 def reward_trend_by_tier(curve: list[list]) -> list[dict[str, Any]]:
     """Mean GRPO reward over the first and last quarter of each stretch of steps at one tier (a promotion
     resets the reward level, so a whole-run trend would mix tiers). curve rows: [step, reward, ..., tier]."""

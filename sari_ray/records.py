@@ -47,3 +47,13 @@ def training_records(rollouts: list[dict], scores: list[dict], audio_of: Mapping
                             "advantage": float(advantages[p * g + k]),
                             "truncated": is_truncated(c), "weight": 1.0})
     return records
+
+
+def check_staleness(step: int, completions: list[dict], weight_version: int, max_staleness: int) -> None:
+    """Every completion of a step was sampled at most `max_staleness` weight versions before `weight_version`
+    (and none after it): what the asynchronous pipeline promises; anything else is a lost weight sync."""
+    versions = sorted({c["weight_version"] for c in completions})
+    if weight_version - versions[0] > max_staleness or versions[-1] > weight_version:
+        raise RuntimeError(f"step {step}: completions generated with weight versions {versions} at version "
+                           f"{weight_version}, beyond rollout.max_staleness={max_staleness} (a rollout worker missed "
+                           f"a weight sync)")
