@@ -49,11 +49,13 @@ def training_records(rollouts: list[dict], scores: list[dict], audio_of: Mapping
     return records
 
 
-def check_staleness(step: int, completions: list[dict], weight_version: int, max_staleness: int) -> None:
-    """Every completion of a step was sampled at most `max_staleness` weight versions before `weight_version`
-    (and none after it): what the asynchronous pipeline promises; anything else is a lost weight sync."""
-    versions = sorted({c["weight_version"] for c in completions})
-    if weight_version - versions[0] > max_staleness or versions[-1] > weight_version:
-        raise RuntimeError(f"step {step}: completions generated with weight versions {versions} at version "
-                           f"{weight_version}, beyond rollout.max_staleness={max_staleness} (a rollout worker missed "
-                           f"a weight sync)")
+def check_staleness(step: int, completions: list[dict], weight_version: int, max_staleness: int) -> list[int]:
+    """How many weight versions each completion of a step is behind `weight_version` (the weights the step trains
+    from): at most `max_staleness`, and never ahead, is what the asynchronous pipeline promises; anything else is
+    a lost weight sync."""
+    staleness = [weight_version - c["weight_version"] for c in completions]
+    if max(staleness) > max_staleness or min(staleness) < 0:
+        raise RuntimeError(f"step {step}: completions generated with weight versions "
+                           f"{sorted({c['weight_version'] for c in completions})} at version {weight_version}, beyond "
+                           f"rollout.max_staleness={max_staleness} (a rollout worker missed a weight sync)")
+    return staleness

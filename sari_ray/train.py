@@ -184,7 +184,7 @@ class Trainer:
         samples = [self.by_id[i] for i in batch_ids]
         expanded = [x for x in samples for _ in range(g)]  # one per completion
         completions = [c for r in rollouts for c in r["completions"]]
-        check_staleness(step, completions, s["weight_version"], cfg.rollout.max_staleness)
+        staleness = check_staleness(step, completions, s["weight_version"], cfg.rollout.max_staleness)
         self.timings["time/rollout_generate"] = max(r["generate_s"] for r in rollouts)  # the workers' own time
         with self.phase("reward"):
             scores = self.call_service(recovery.REWARD_SCORER, "score", [c["text"] for c in completions],
@@ -203,7 +203,7 @@ class Trainer:
         extra = {**learn, **self.ask_curriculum("metrics"), "learn/records": len(records),
                  "faults/rollout_restarts": s.get("faults", {}).get("rollout_restarts", 0)}
         m = metrics_lib.grpo_step_metrics(completions, scores, [is_truncated(c) for c in completions],
-                                          [x.tier or 0 for x in expanded], g, time.perf_counter() - t_step,
+                                          [x.tier or 0 for x in expanded], staleness, g, time.perf_counter() - t_step,
                                           self.timings, sync, s["weight_version"], extra)
         s["grpo_tiers"] = sorted(set(s.get("grpo_tiers", [])) | {x.tier or 0 for x in samples})
         s["curve"].append([step, m["reward/mean"], m["throughput/completions_per_s"], sync["seconds"],

@@ -83,7 +83,7 @@ def test_staleness_beyond_the_bound_or_from_the_future_is_a_lost_sync():
     from sari_ray.records import check_staleness
 
     done = [{"weight_version": 4}, {"weight_version": 5}]
-    check_staleness(3, done, 5, 1)  # one version behind at most: fine
+    assert check_staleness(3, done, 5, 1) == [1, 0]  # one version behind at most: fine
     with pytest.raises(RuntimeError, match=r"step 3: completions generated with weight versions \[4, 5\] at version 6, "
                                            r"beyond rollout.max_staleness=1 \(a rollout worker missed a weight sync\)"):
         check_staleness(3, done, 6, 1)
