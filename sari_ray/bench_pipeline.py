@@ -28,7 +28,7 @@ BENCH_OVERRIDES = [
 
 def pipeline_benchmark(steps: int = 20, warmup: int = 2, workdir: str | None = None,
                        extra_overrides: list[str] | None = None) -> dict[str, Any]:
-    from sari_ray.train import demo_config_path
+    from sari_ray.train_cli import demo_config_path
 
     root = Path(workdir or tempfile.mkdtemp(prefix="sari-bench-pipeline-"))
     out: dict[str, Any] = {}

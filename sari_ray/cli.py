@@ -15,7 +15,7 @@ COMMAND_MODULES = (
     "sari_ray.models.tiny",  # model tiny
     "sari_ray.data.cli",  # data synth | validate | difficulty
     "sari_ray.mmau",  # score
-    "sari_ray.train",  # train, demo
+    "sari_ray.train_cli",  # train, demo
     "sari_ray.eval_sweep",  # eval (one checkpoint via sari_ray.evaluate, or --run sweeps)
     "sari_ray.deploy.kuberay",  # deploy kuberay
     "sari_ray.benchmarks",  # bench learner-step

@@ -46,12 +46,12 @@ def throughput(completions: int, tokens: int, step_s: float, timings: dict[str, 
 
 
 def grpo_step_metrics(completions: list[dict], scores: list[dict], truncated: list[bool], tiers: list[int],
-                      num_generations: int, step_s: float, timings: dict[str, float], sync: dict[str, float],
-                      weight_version: int, extra: dict[str, float]) -> dict[str, float]:
-    """What one GRPO step logs: rewards and lengths (one entry per completion in completions / scores /
-    truncated / tiers), the group signal, throughput and phase timings, the weight sync and the completions'
-    staleness against `weight_version`; `extra` (learner, curriculum, fault counts) is merged in as is."""
-    staleness = [weight_version - c["weight_version"] for c in completions]
+                      staleness: list[int], num_generations: int, step_s: float, timings: dict[str, float],
+                      sync: dict[str, float], weight_version: int, extra: dict[str, float]) -> dict[str, float]:
+    """What one GRPO step logs: rewards and lengths (one entry per completion in completions / scores / truncated
+    / tiers / staleness, the versions each was behind the weights the step trained from), the group signal,
+    throughput and phase timings, the weight sync and the version it shipped; `extra` (learner, curriculum,
+    fault counts) is merged in as is."""
     m = rollout_metrics(scores, [len(c["token_ids"]) for c in completions], truncated, tiers)
     m.update(group_signal([sc["reward"] for sc in scores], num_generations))
     m.update(extra)
@@ -73,6 +73,12 @@ def run_summary(state: dict[str, Any], seconds: float, final: dict[str, float],
             "promotions": state.get("promotions", []), "final_eval": final,
             "after_sft_eval": next((h for h in state["history"] if h["step"] == 0), None),
             "grpo_gain": grpo_gain(state.get("grpo_tiers", []), eval_tier_of, state.get("after_sft_items"), final_items)}
+
+
+def completions_table(step: int, scored: list[tuple]) -> list[dict[str, Any]]:
+    """Rows of MLflow's completions table: (sample, completion, score) per row."""
+    return [{"step": step, "sample_id": x.id, "tier": x.tier, "answer": x.answer, "completion": c["text"],
+             **{k: sc[k] for k in ("reward", "accuracy", "format")}} for x, c, sc in scored]
 
 
 def reward_trend_by_tier(curve: list[list]) -> list[dict[str, Any]]:

@@ -47,3 +47,15 @@ def training_records(rollouts: list[dict], scores: list[dict], audio_of: Mapping
                             "advantage": float(advantages[p * g + k]),
                             "truncated": is_truncated(c), "weight": 1.0})
     return records
+
+
+def check_staleness(step: int, completions: list[dict], weight_version: int, max_staleness: int) -> list[int]:
+    """How many weight versions each completion of a step is behind `weight_version` (the weights the step trains
+    from): at most `max_staleness`, and never ahead, is what the asynchronous pipeline promises; anything else is
+    a lost weight sync."""
+    staleness = [weight_version - c["weight_version"] for c in completions]
+    if max(staleness) > max_staleness or min(staleness) < 0:
+        raise RuntimeError(f"step {step}: completions generated with weight versions "
+                           f"{sorted({c['weight_version'] for c in completions})} at version {weight_version}, beyond "
+                           f"rollout.max_staleness={max_staleness} (a rollout worker missed a weight sync)")
+    return staleness

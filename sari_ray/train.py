@@ -1,12 +1,8 @@
-"""Train: `python -m sari_ray.train configs/demo_cpu.yaml [key=value ...]` (what `ray job submit` runs),
-or `sari-ray train CONFIG [key=value ...]`, or `sari-ray demo`.
-
-SFT warm-up on the prompt style's reasoning targets, then curriculum-guided GRPO. One GRPO step is a row of
-named, timed phases: rollout -> reward -> curriculum -> learn -> sync -> log. Data is validated before any actor
-starts. The rooms around this loop: `trainer_state` (checkpoints: learner, curriculum, data cursor, RNG, step,
-MLflow run id, weight version; `run.resume=true` continues the same MLflow run with the same data order),
-`recovery` (an actor that dies), `stopping` (signals), `records` (rollouts -> training records),
-`actors.wiring` (the cluster and the actors).
+"""The training loop: SFT warm-up on the prompt style's reasoning targets, then curriculum-guided GRPO, each GRPO
+step a row of named, timed phases (rollout -> reward -> curriculum -> learn -> sync -> log). Run by
+`sari-ray train CONFIG [OVERLAY ...] [key=value ...]`, `sari-ray demo`, or `python -m sari_ray.train ...` (what
+`ray job submit` runs). Around it: `trainer_state` (checkpoints and resume), `recovery` (an actor that dies),
+`stopping` (signals, `ray job stop`), `records` (rollouts -> training records), `actors.wiring` (the actors).
 """
 from __future__ import annotations
 
@@ -28,7 +24,7 @@ from sari_ray.data.prepare import prepare_data
 from sari_ray.engines.tracking import start_run_tracking
 from sari_ray.held_out import evaluate_held_out
 from sari_ray.models.tiny import prepare_model
-from sari_ray.records import is_truncated, rollout_rows, training_records
+from sari_ray.records import check_staleness, is_truncated, rollout_rows, training_records
 from sari_ray.rollout_pipeline import RolloutPipeline
 from sari_ray.stopping import Interrupted, StopOnSignal, StopWindow, mark_failed, stop_if_asked
 
@@ -188,7 +184,7 @@ class Trainer:
         samples = [self.by_id[i] for i in batch_ids]
         expanded = [x for x in samples for _ in range(g)]  # one per completion
         completions = [c for r in rollouts for c in r["completions"]]
-        self._check_staleness(step, completions)
+        staleness = check_staleness(step, completions, s["weight_version"], cfg.rollout.max_staleness)
         self.timings["time/rollout_generate"] = max(r["generate_s"] for r in rollouts)  # the workers' own time
         with self.phase("reward"):
             scores = self.call_service(recovery.REWARD_SCORER, "score", [c["text"] for c in completions],
@@ -200,26 +196,20 @@ class Trainer:
             records = training_records(rollouts, scores, self.audio_of, g, cfg.grpo.scale_rewards,
                                        cfg.grpo.drop_uniform_groups)
             learn = metrics_lib.mean_over(self.learners.call_sharded(
-                "grpo_step", split_padded(records, len(self.learners), "weight"), cfg.grpo.learning_rate)) if records else {}
+                "grpo_step", split_padded(records, len(self.learners), "weight"),
+                cfg.grpo.learning_rate)) if records else {}
         with self.phase("sync"):  # nothing learned (every group uniform and dropped): the weights stay as they are
             sync = self.sync_weights() if records else {"bytes": 0.0, "buckets": 0, "seconds": 0.0}
         extra = {**learn, **self.ask_curriculum("metrics"), "learn/records": len(records),
                  "faults/rollout_restarts": s.get("faults", {}).get("rollout_restarts", 0)}
         m = metrics_lib.grpo_step_metrics(completions, scores, [is_truncated(c) for c in completions],
-                                          [x.tier or 0 for x in expanded], g, time.perf_counter() - t_step,
+                                          [x.tier or 0 for x in expanded], staleness, g, time.perf_counter() - t_step,
                                           self.timings, sync, s["weight_version"], extra)
         s["grpo_tiers"] = sorted(set(s.get("grpo_tiers", [])) | {x.tier or 0 for x in samples})
         s["curve"].append([step, m["reward/mean"], m["throughput/completions_per_s"], sync["seconds"],
                            m["reward/accuracy"], int(m.get("curriculum/tier", 0))])
         self._log_step(step, m, promotion, batch_ids, list(zip(expanded, completions, scores)))
         return m
-
-    def _check_staleness(self, step: int, completions: list[dict]) -> None:
-        versions = sorted({c["weight_version"] for c in completions})
-        now, bound = self.state["weight_version"], self.cfg.rollout.max_staleness
-        if now - versions[0] > bound or versions[-1] > now:
-            raise RuntimeError(f"step {step}: completions generated with weight versions {versions} at version "
-                               f"{now}, beyond rollout.max_staleness={bound} (a rollout worker missed a weight sync)")
 
     def _log_step(self, step: int, m: dict, promotion, batch_ids: list[str], scored: list[tuple]) -> None:
         cfg = self.cfg
@@ -235,9 +225,7 @@ class Trainer:
         with open(self.out / "batches.jsonl", "a") as f:
             f.write(json.dumps({"step": step, "ids": batch_ids}) + "\n")
         if cfg.tracking.completions_table_every and step % cfg.tracking.completions_table_every == 0:
-            self.tracker.log_table([{"step": step, "sample_id": x.id, "tier": x.tier, "answer": x.answer,
-                                     "completion": c["text"], **{k: sc[k] for k in ("reward", "accuracy", "format")}}
-                                    for x, c, sc in scored[:32]], f"completions/step_{step:06d}.json")
+            self.tracker.log_table(metrics_lib.completions_table(step, scored[:32]), f"completions/step_{step:06d}.json")
 
     def _draw_batch(self) -> list[str]:
         return self.ask_curriculum("next_batch").ids
@@ -311,32 +299,6 @@ def run_training(configs: list[str], overrides: list[str]) -> dict[str, Any]:
             trainer.shutdown()
     print_summary(trainer.console, summary)
     return summary
-
-
-def register_cli(subparsers) -> None:
-    train = subparsers.add_parser("train", help="SFT warm-up + curriculum GRPO from YAML config(s)")
-    train.add_argument("args", nargs="+", metavar="CONFIG.yaml [OVERLAY.yaml ...] [key=value ...]",
-                       help="base config, optional ablation overlays, then overrides such as grpo.steps=10")
-    train.set_defaults(func=lambda a: train_command(a.args))
-    demo = subparsers.add_parser("demo", help="train configs/demo_cpu.yaml (tiny model, synthetic data, CPU)")
-    demo.add_argument("overrides", nargs="*")
-    demo.set_defaults(func=lambda a: train_command([str(demo_config_path()), *a.overrides]))
-
-
-def demo_config_path() -> Path:
-    return Path(__file__).resolve().parent.parent / "configs" / "demo_cpu.yaml"
-
-
-def train_command(args: list[str]) -> int:
-    """`CONFIG.yaml [OVERLAY.yaml ...] [key=value ...]`: files first, then overrides. A stop on a signal exits 130
-    saying how to resume; user errors (config, data, files) are `sari_ray.cli.main`'s: a message, no traceback."""
-    configs = [a for a in args if a.endswith((".yaml", ".yml")) and "=" not in a]
-    try:
-        run_training(configs, [a for a in args if a not in configs])
-    except Interrupted as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 130
-    return 0
 
 
 if __name__ == "__main__":  # `python -m sari_ray.train CONFIG ...`: what `ray job submit` runs

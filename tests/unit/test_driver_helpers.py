@@ -95,3 +95,13 @@ def test_step_deadline_is_derived_from_the_step_size_unless_set():
                                                        "cluster.num_cpus=16"]))
     assert 600 <= spread < big  # per actor: more workers, less each
     assert step_timeout_s(load_config(demo, ["cluster.step_timeout_s=42"])) == 42.0
+
+
+def test_step_metrics_log_the_staleness_measured_before_the_sync_and_the_version_shipped():
+    completions = [{"token_ids": [1, 2], "weight_version": 4}, {"token_ids": [3], "weight_version": 5}]
+    scores = [{"reward": 2.0, "accuracy": 1.0, "format": 1.0}, {"reward": 0.0, "accuracy": 0.0, "format": 0.0}]
+    m = metrics.grpo_step_metrics(completions, scores, [False, True], [0, 0], [1, 0], 2, 2.0, {"time/learn": 1.0},
+                                  {"bytes": 8.0, "seconds": 0.5}, 6, {"learn/records": 2})
+    assert m["rollout/staleness_max"] == 1 and m["rollout/staleness_mean"] == 0.5  # as given, not against v6
+    assert m["rollout/weight_version"] == 6 and m["sync/bytes"] == 8.0 and m["learn/records"] == 2
+    assert m["completion/truncated_frac"] == 0.5 and m["throughput/completions_per_s"] == 1.0

@@ -77,3 +77,15 @@ def test_every_accepted_seed_gives_sampling_seeds_vllm_takes(seed):
     if seed < 9_000_000:  # no wrap: the seeds every earlier run sampled with
         assert rollout_rows([{}], seed, 5, g)[0]["_seed"] == (seed * 1_000_003 + 5) * 1_000_000
     assert SEED_SPACE + 2**40 == 2**63
+
+
+def test_staleness_beyond_the_bound_or_from_the_future_is_a_lost_sync():
+    from sari_ray.records import check_staleness
+
+    done = [{"weight_version": 4}, {"weight_version": 5}]
+    assert check_staleness(3, done, 5, 1) == [1, 0]  # one version behind at most: fine
+    with pytest.raises(RuntimeError, match=r"step 3: completions generated with weight versions \[4, 5\] at version 6, "
+                                           r"beyond rollout.max_staleness=1 \(a rollout worker missed a weight sync\)"):
+        check_staleness(3, done, 6, 1)
+    with pytest.raises(RuntimeError, match="missed a weight sync"):
+        check_staleness(3, done, 4, 1)  # a completion newer than the learner's weights
