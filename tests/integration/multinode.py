@@ -85,6 +85,7 @@ class NamespacedScript:
             return self.proc.wait(seconds)
         except subprocess.TimeoutExpired:
             self.kill_all()
+            shutil.rmtree(self.ray_tmp, ignore_errors=True)
             raise AssertionError(f"still running after {seconds:.0f} s; its log ends:\n{self.log.read_text()[-3000:]}")
 
     def left_after(self, seconds: float = 30.0) -> list[str]:

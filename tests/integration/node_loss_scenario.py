@@ -42,8 +42,8 @@ def main() -> None:
         report["cluster_start_s"] = time.monotonic() - t0
         driver = start_driver(cluster.address, [
             str(REPO / "configs" / "demo_cpu.yaml"), *short_run_overrides(a.out, a.data, a.model),
-            "sft.checkpoint_every=0", "grpo.steps=6", "checkpoint.every=2", f"cluster.resource_wait_s={a.resource_wait}"],
-            log)
+            "sft.checkpoint_every=0", "grpo.steps=6", "checkpoint.every=2",
+            f"cluster.resource_wait_s={a.resource_wait}"], log)
         try:
             batches = a.out / "batches.jsonl"
             wait_until(lambda: batches.exists() and batches.read_text().count("\n") >= a.loss_after, 900,
