@@ -37,7 +37,10 @@ def why_no_namespace() -> str | None:
     if os.geteuid() != 0:
         return "making a network namespace (unshare -n) needs root"
     missing = [tool for tool in ("unshare", "ip") if shutil.which(tool) is None]
-    return f"missing {', '.join(missing)} (util-linux / iproute2)" if missing else None
+    if missing:
+        return f"missing {', '.join(missing)} (util-linux / iproute2)"
+    tried = subprocess.run(["unshare", "-n", "ip", "link", "set", "lo", "up"], capture_output=True, text=True)
+    return f"unshare -n fails here: {tried.stderr.strip()[:200]}" if tried.returncode else None
 
 
 def netns_of(pid: int | str) -> str | None:
