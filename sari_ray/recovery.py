@@ -8,6 +8,9 @@
   exactly as run.resume=true would (`trainer_state.restore`), so the steps after it are replayed and give the
   batches and weights an uninterrupted run gives. (Rebuilding the curriculum from what the driver logs per step
   would need its state after every call, not every step: a batch is drawn steps ahead of its update.)
+  A learner's node may be lost with it (a KubeRay pod replaced): the new group waits up to
+  cluster.resource_wait_s for the learners' resources to be offered again, else the run stops with an error
+  that names what is missing (`wiring.restart_learners`).
 
 Each kind is bounded by run.max_restarts and counted in MLflow as `faults/<kind>` at the step it happened.
 """
@@ -16,7 +19,7 @@ from __future__ import annotations
 import time
 
 from sari_ray import checkpoints, trainer_state
-from sari_ray.actors.group import ActorDied
+from sari_ray.actors.group import ActorDied, SetupTimeout
 
 LEARNER, CURRICULUM, REWARD_SCORER = "learner", "curriculum scheduler", "reward scorer"
 FAULT_NAMES = {LEARNER: "learner_restarts", CURRICULUM: "curriculum_restarts", REWARD_SCORER: "reward_restarts"}
@@ -67,7 +70,17 @@ def back_to_checkpoint(trainer, err: Exception) -> None:
     is killed first, those blocked in a collective with it too, and a new group starts), then go back to the last
     complete checkpoint, at most run.max_restarts times per kind. Rollouts in flight are discarded; the steps
     after the checkpoint are trained and logged again (same MLflow run; readers take a step's last value).
-    Other actors' deaths are re-raised."""
+    Other actors' deaths are re-raised. A death met on the way back is handled the same way, in turn: a lost node
+    can take a learner and the curriculum scheduler with it (Ray places the scheduler, which asks for no CPU, on
+    any node), and the first call to the second one comes during the restore."""
+    while True:
+        try:
+            return _go_back(trainer, err)
+        except ActorDied as again:
+            err = again
+
+
+def _go_back(trainer, err: Exception) -> None:
     import ray
 
     from sari_ray.actors import wiring
@@ -90,7 +103,7 @@ def back_to_checkpoint(trainer, err: Exception) -> None:
         trainer.curriculum = wiring.start_curriculum(cfg, trainer.tiers)
     if err.role == LEARNER or checkpoint is None:  # nothing saved yet: learners back to the base model too
         trainer.learners.kill()
-        trainer.learners = wiring.start_learners(cfg, trainer.learner_setup_kwargs())
+        trainer.learners = _new_learners(trainer, err, checkpoint)
         trainer.weight_sync = wiring.start_weight_sync(cfg, trainer.learners, trainer.rollout)
     if checkpoint is not None:
         trainer_state.restore(trainer, checkpoint)
@@ -101,3 +114,20 @@ def back_to_checkpoint(trainer, err: Exception) -> None:
     where = f"GRPO step {trainer.state['step'] + 1}" if trainer.state["phase"] == "grpo" else \
         f"SFT step {trainer.state['sft_step'] + 1}"
     trainer.console.print(f"{what} back after {time.monotonic() - t0:.0f} s; continuing at {where}", soft_wrap=True)
+
+
+def _new_learners(trainer, err: Exception, checkpoint):
+    """A new learner group, waiting up to cluster.resource_wait_s for its resources (its node may have been lost
+    with the old one, see `wiring.restart_learners`); if they never come, a `SetupTimeout` (the CLI prints it
+    without a traceback) that names what is missing and the checkpoint a resume starts from."""
+    from sari_ray.actors import wiring
+
+    def say(message: str) -> None:
+        trainer.console.print(f"[yellow]{message}", soft_wrap=True)
+
+    try:
+        return wiring.restart_learners(trainer.cfg, trainer.learner_setup_kwargs(), say)
+    except SetupTimeout as lost:
+        kept = f"the last complete checkpoint ({checkpoint.name}) stays" if checkpoint else "no checkpoint yet"
+        raise SetupTimeout(f"{err}, and no new learner group could start: {lost} Stopping; {kept}; resume with "
+                           f"run.resume=true once the cluster offers them.") from None

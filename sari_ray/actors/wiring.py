@@ -7,7 +7,7 @@ from typing import Any
 
 import ray
 
-from sari_ray.actors.group import ActorGroup, SetupTimeout, get_all, get_within
+from sari_ray.actors.group import ActorGroup, SetupTimeout, first_line, get_all, get_within
 from sari_ray.actors.learner import LearnerActor
 from sari_ray.actors.reward import RewardScorer
 from sari_ray.actors.rollout import RolloutWorker
@@ -71,25 +71,33 @@ def missing_resources(need: dict[str, float], offered: dict[str, float]) -> dict
     return {k: (v, offered.get(k, 0.0)) for k, v in need.items() if offered.get(k, 0.0) + 1e-9 < v}
 
 
-def wait_for_resources(cfg, poll_s: float = 2.0) -> None:
-    """Fail within `cluster.resource_wait_s` when the cluster does not offer what the actors ask for, instead of
-    pending forever (a RayJob has no deadline). The wait leaves an autoscaler time to add nodes."""
+def wait_for_resources(cfg, poll_s: float = 2.0, deadline: float | None = None, say=None) -> None:
+    """Fail within `cluster.resource_wait_s` (or by `deadline`, a time.monotonic() value) when the cluster does
+    not offer what the actors ask for, instead of pending forever (a RayJob has no deadline). The wait leaves an
+    autoscaler time to add nodes; `say` (a print function) is told once what is waited for."""
     need = actor_resources(cfg)
-    deadline = time.monotonic() + cfg.cluster.resource_wait_s
+    deadline = time.monotonic() + cfg.cluster.resource_wait_s if deadline is None else deadline
     while True:
         offered = ray.cluster_resources()
         missing = missing_resources(need, offered)
         if not missing or time.monotonic() >= deadline:
             break
+        if say is not None:
+            say(f"waiting up to {deadline - time.monotonic():.0f} s (cluster.resource_wait_s) for the Ray cluster "
+                f"to offer {_lacking(missing)}")
+            say = None
         time.sleep(poll_s)
     if missing:
-        lacking = ", ".join(f"{k}: needs {n:g}, offers {o:g}" for k, (n, o) in sorted(missing.items()))
         shown = {k: v for k, v in sorted(offered.items()) if not k.startswith(("node:", "accelerator_type:"))}
         raise SetupTimeout(
             f"the Ray cluster does not offer what the actors need after {cfg.cluster.resource_wait_s:.0f} s "
-            f"(cluster.resource_wait_s): {lacking}. It offers {shown}. Fix: start the nodes with these resources "
-            f"(ray start --resources='{{...}}'; KubeRay: rayStartParams.resources of the worker groups, see "
-            f"`sari-ray deploy kuberay`), or change rollout.resources / learner.resources and the worker counts.")
+            f"(cluster.resource_wait_s): {_lacking(missing)}. It offers {shown}. Fix: start the nodes with these "
+            f"resources (ray start --resources='{{...}}'; KubeRay: rayStartParams.resources of the worker groups, "
+            f"see `sari-ray deploy kuberay`), or change rollout.resources / learner.resources and the worker counts.")
+
+
+def _lacking(missing: dict[str, tuple[float, float]]) -> str:
+    return ", ".join(f"{k}: needs {n:g}, offers {o:g}" for k, (n, o) in sorted(missing.items()))
 
 
 def engine_kwargs(cfg) -> dict[str, Any]:
@@ -129,20 +137,50 @@ def start_rollout_workers(cfg, model_path: str, on_restart=None) -> RolloutGroup
 
 
 def start_learners(cfg, setup_kwargs: dict[str, Any]) -> ActorGroup:
-    """Rank 0 reports a node address and free port first; every rank then joins that process group."""
+    """Rank 0 reports a node address and free port first; every rank then joins that process group. If that
+    fails, the actors are killed (none is left holding or waiting for a learner's resources)."""
     remote = ray.remote(LearnerActor).options(
         num_cpus=cfg.learner.num_cpus_per_worker, num_gpus=cfg.learner.num_gpus_per_worker,
         resources=dict(cfg.learner.resources), runtime_env={"env_vars": actor_env(cfg)})
-    actors = [remote.remote() for _ in range(cfg.learner.num_workers)]
-    wait = cfg.cluster.setup_timeout_s
-    master_addr, master_port = get_within(actors[0].address.remote(), wait, "learner rank 0 placement",
-                                          f"Does the cluster offer {dict(cfg.learner.resources)} per learner?")
-    get_within([actor.setup.remote(rank=rank, world_size=len(actors), master_addr=master_addr,
-                                   master_port=master_port, **setup_kwargs)
-                for rank, actor in enumerate(actors)], wait, f"setup of {len(actors)} DeepSpeed learners",
-               "Check the learner actors' logs; a DeepSpeed CPU op build killed halfway leaves a lock under "
-               "~/.cache/torch_extensions/*/deepspeed_shm_comm/ that blocks every later start: delete it.")
-    return ActorGroup(actors, "learner", step_timeout_s(cfg))
+    group = ActorGroup([remote.remote() for _ in range(cfg.learner.num_workers)], "learner", step_timeout_s(cfg))
+    actors, wait = group.actors, cfg.cluster.setup_timeout_s
+    try:
+        master_addr, master_port = get_within(actors[0].address.remote(), wait, "learner rank 0 placement",
+                                              f"Does the cluster offer {dict(cfg.learner.resources)} per learner?")
+        get_within([actor.setup.remote(rank=rank, world_size=len(actors), master_addr=master_addr,
+                                       master_port=master_port, **setup_kwargs)
+                    for rank, actor in enumerate(actors)], wait, f"setup of {len(actors)} DeepSpeed learners",
+                   "Check the learner actors' logs; a DeepSpeed CPU op build killed halfway leaves a lock under "
+                   "~/.cache/torch_extensions/*/deepspeed_shm_comm/ that blocks every later start: delete it.")
+    except Exception:
+        group.kill()
+        raise
+    return group
+
+
+def restart_learners(cfg, setup_kwargs: dict[str, Any], say=print) -> ActorGroup:
+    """A new learner group for one that died, within one `cluster.resource_wait_s` window. Its node may have
+    died with it (a KubeRay pod replaced): Ray goes on offering a dead node's resources until its health checks
+    give up (about 15 s, measured) and places actors there meanwhile, which then die with the node; a
+    replacement node comes when its pod does, or never. So: wait until the learners' resources are offered,
+    start the group, and while time is left start it again when its actors die during placement or setup.
+    After the window, `SetupTimeout` names what the cluster lacks (`learner_slot: needs 2, offers 0`)."""
+    deadline = time.monotonic() + cfg.cluster.resource_wait_s
+    while True:
+        wait_for_resources(cfg, deadline=deadline, say=say)
+        try:
+            return start_learners(cfg, setup_kwargs)
+        except ray.exceptions.RayActorError as err:
+            if time.monotonic() >= deadline:
+                raise SetupTimeout(f"new learners kept dying while starting for {cfg.cluster.resource_wait_s:.0f} "
+                                   f"s (cluster.resource_wait_s); the last: {_node_death(err) or first_line(err)}"
+                                   ) from None
+            say(f"new learners died while starting ({_node_death(err) or first_line(err)}); starting them again")
+
+
+def _node_death(err: Exception) -> str | None:
+    """Ray's line saying an actor's node died (its first line only says the actor died), if there is one."""
+    return next((line.strip() for line in str(err).splitlines() if "node has died" in line), None)
 
 
 def start_weight_sync(cfg, learners: ActorGroup, rollout):
