@@ -145,10 +145,14 @@ def start_learners(cfg, setup_kwargs: dict[str, Any]) -> ActorGroup:
     return ActorGroup(actors, "learner", step_timeout_s(cfg))
 
 
-def start_weight_sync(cfg, learners: ActorGroup, rollout):
-    """Weights from learner rank 0 to the engines by `learner.sync_backend` (a collective group is formed here)."""
+def start_weight_sync(cfg, learners: ActorGroup, rollout, console=None):
+    """Weights from learner rank 0 to the engines by `learner.sync_backend` (a collective group is formed here,
+    within the setup deadline; each collective sync has `learner.sync_timeout_s`). `console`: where a failed
+    broadcast and the group formed again are said."""
+    report = (lambda message: console.print(f"[yellow]{message}", soft_wrap=True)) if console else (lambda m: None)
     sync = WeightSync(learners, rollout, backend=cfg.learner.sync_backend,
-                      bucket_bytes=int(cfg.learner.sync_bucket_mb * 2**20), timeout_s=cfg.cluster.setup_timeout_s)
+                      bucket_bytes=int(cfg.learner.sync_bucket_mb * 2**20), timeout_s=cfg.cluster.setup_timeout_s,
+                      sync_timeout_s=cfg.learner.sync_timeout_s, report=report)
     sync.setup()
     return sync
 
