@@ -127,29 +127,32 @@ class WeightSync:
             _, stuck = ray.wait(sends + receives, num_returns=len(sends + receives),
                                 timeout=self.sync_timeout_s + 30)
         held_s = time.monotonic() - t_fail
-        cause = next((died for died in map(self._death, receives, range(len(receives))) if died), cause)
+        outcomes = [self._outcome(ref) for ref in receives]
+        cause = next((f"rollout worker {i} died: {text}" for i, (kind, text) in enumerate(outcomes)
+                      if kind == "died"), cause)
+        how = "; ".join(f"rollout worker {i}: {text[:160]}" for i, (kind, text) in enumerate(outcomes)
+                        if kind == "failed")  # how the survivors got out: their peer's error or the timeout
         refs, nbytes = self._export_refs(include_frozen=True)
         self.rollout.load_weights(refs, version)
         held = (f"{len(stuck)} member(s) still in the broken broadcast after {held_s:.1f} s" if stuck else
                 f"the other members left the broken broadcast after {held_s:.1f} s")
-        self.report(f"collective weight sync v{version} failed ({cause}); {held} (learner.sync_timeout_s="
-                    f"{self.sync_timeout_s:g}); redone through the object store in {time.monotonic() - t_fail:.1f} s; "
-                    f"the group is formed again before the next broadcast")
+        self.report(f"collective weight sync v{version} failed ({cause}); {held}{f' ({how})' if how else ''} "
+                    f"(learner.sync_timeout_s={self.sync_timeout_s:g}); redone through the object store in "
+                    f"{time.monotonic() - t_fail:.1f} s; the group is formed again before the next broadcast")
         return {"bytes": float(nbytes), "buckets": len(refs)}
 
     @staticmethod
-    def _death(ref, index: int) -> str | None:
-        """'rollout worker i died (...)' if that worker's receive failed by its death (the cause worth naming:
-        its peers' errors follow from it)."""
+    def _outcome(ref) -> tuple[str, str]:
+        """(running | done | died | failed, the cause) of one member's call."""
         if not ray.wait([ref], timeout=0)[0]:
-            return None
+            return "running", ""
         try:
             ray.get(ref)
         except ray.exceptions.RayActorError as err:
-            return f"rollout worker {index} died: {first_line(err)}"
-        except ray.exceptions.RayError:
-            pass
-        return None
+            return "died", first_line(err)
+        except ray.exceptions.RayError as err:
+            return "failed", first_line(err)
+        return "done", ""
 
     def _wait_broadcast(self, sends: list, receives: list) -> int:
         """Bytes learner rank 0 sent, once every member is done; the first member that fails or dies, or the

@@ -3,6 +3,8 @@ takes, what it asks the learner for (the frozen encoder only in the first sync),
 re-forming after a restart, and the object-store fallback when a broadcast fails."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import ray
 
@@ -73,6 +75,8 @@ class FakeWorker:
         self.log.append(("receive", self.index, version))
         if ("die", self.index) in self.log:
             return ray.exceptions.RayActorError()
+        if ("peer died", self.index) in self.log:
+            return ray.exceptions.RayError("gloo: Connection closed by peer")
         return {"bytes": 300}
 
 
@@ -176,11 +180,13 @@ def test_a_failed_broadcast_is_redone_through_the_object_store():
 
 def test_a_worker_killed_mid_broadcast_is_named_and_the_others_are_waited_for_within_the_deadline(deadlines):
     sync, rollout, log = make("collective", tps=(1, 1), sync_timeout_s=3)
-    log.append(("die", 1))
+    log += [("die", 1), ("peer died", 0)]
     sync.sync(4)
     assert ("group_load", ("ref1", "ref2"), 4, True) in log and rollout.sync_group_stale and sync.fallbacks == 1
     report = sync.reports[-1]
     assert report.startswith("collective weight sync v4 failed (rollout worker 1 died: "), report
+    # how the survivor got out of the broken broadcast
+    assert "left the broken broadcast after 0.0 s (rollout worker 0: gloo: Connection closed by peer)" in report
     assert "(learner.sync_timeout_s=3); redone through the object store in " in report, report
     # the plan within the learners' step deadline; the workers' calls in flight within theirs
     assert ("weight_sync_plan", FakeLearners.timeout_s) in deadlines
@@ -220,3 +226,20 @@ def test_a_restarted_worker_after_a_collective_sync_gets_a_fresh_export(monkeypa
     log.clear()
     group._reload(0, group.version)
     assert log == [("load", 0, ("kept",), 8)] and not group.sync_group_stale
+
+
+def test_the_console_line_keeps_error_text_that_looks_like_markup():
+    """gloo's errors begin with "[/path/pair.cc:553]", which rich would read as a closing tag and raise."""
+    import io
+
+    from rich.console import Console
+
+    from sari_ray.actors import wiring
+    from sari_ray.config import load_config
+
+    console = Console(file=io.StringIO(), width=400)
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "demo_cpu.yaml")
+    sync = wiring.start_weight_sync(cfg, FakeLearners([]), FakeRollout([], [1]), console)
+    sync.report("rollout worker 0: RuntimeError: [/__w/gloo/transport/tcp/pair.cc:553] Connection closed by peer")
+    assert "[/__w/gloo/transport/tcp/pair.cc:553] Connection closed by peer" in console.file.getvalue()
+    assert sync.sync_timeout_s == cfg.learner.sync_timeout_s == 300 and sync.timeout_s == cfg.cluster.setup_timeout_s
