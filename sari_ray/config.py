@@ -132,6 +132,9 @@ class LearnerConfig:
     sync_bucket_mb: float = 64.0  # weight sync: one call per bucket of this size
     sync_backend: str = "object_store"  # object_store: buckets through Ray's object store, each worker loads when
     # free; collective: one torch.distributed group (gloo / NCCL) with learner rank 0 broadcasting bucket by bucket
+    sync_timeout_s: float = 300.0  # collective sync: deadline of one broadcast (the driver's wait and each bucket's
+    # operation in the group), once every worker is free; a worker dying mid-broadcast holds the others at most
+    # this long before the sync is redone through the object store. Forming the group has cluster.setup_timeout_s
     gradient_checkpointing: bool = False  # recompute activations in backward (HF): less memory, more compute
     train_audio_encoder: bool = True  # false: freeze the audio encoder (no gradients, encoded once per clip per
     # step, shipped to the engines only by the first weight sync)
@@ -308,6 +311,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "learner.gradient_clipping": (lambda v: _finite(v) and v >= 0,
                                   "use a max gradient norm >= 0, e.g. 1.0 (0 turns clipping off)"),
     "learner.weight_decay": (lambda v: _finite(v) and v >= 0, "use a finite AdamW weight decay >= 0, e.g. 0.0"),
+    "learner.sync_timeout_s": (lambda v: _finite(v) and v > 0,
+                               "use seconds > 0: long enough to broadcast the whole model once (default 300)"),
     "learner.sync_bucket_mb": (lambda v: _finite(v) and int(v * 2**20) >= 1,
                                "use MiB > 0, e.g. 64 (weights travel to the engines in buckets of this size)"),
     "sft.learning_rate": (lambda v: _finite(v) and v > 0, "use a finite learning rate > 0, e.g. 1e-5"),

@@ -104,7 +104,7 @@ def _go_back(trainer, err: Exception) -> None:
     if err.role == LEARNER or checkpoint is None:  # nothing saved yet: learners back to the base model too
         trainer.learners.kill()
         trainer.learners = _new_learners(trainer, err, checkpoint)
-        trainer.weight_sync = wiring.start_weight_sync(cfg, trainer.learners, trainer.rollout)
+        trainer.weight_sync = wiring.start_weight_sync(cfg, trainer.learners, trainer.rollout, trainer.console)
     if checkpoint is not None:
         trainer_state.restore(trainer, checkpoint)
     else:  # GRPO without SFT starts in GRPO

@@ -74,7 +74,7 @@ class Trainer:
                                             self._send_rollouts, self._collect_rollouts)
             self.learners = wiring.start_learners(cfg, self.learner_setup_kwargs())
             start_s = wiring.wait_rollout_ready(cfg, self.rollout)
-            self.weight_sync = wiring.start_weight_sync(cfg, self.learners, self.rollout)
+            self.weight_sync = wiring.start_weight_sync(cfg, self.learners, self.rollout, self.console)
             if checkpoint is not None:
                 trainer_state.restore(self, checkpoint)
         self.console.print(f"actors up: {len(self.rollout)} rollout, {len(self.learners)} learner "

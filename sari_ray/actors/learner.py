@@ -54,8 +54,9 @@ class LearnerActor:
         host = ray.util.get_node_ip_address()
         return host, self.learner.open_weight_sync_store(host, world_size, timeout_s)
 
-    def join_weight_sync_group(self, host: str, port: int, world_size: int, timeout_s: float) -> None:
-        self.learner.join_weight_sync_group(host, port, world_size, timeout_s)
+    def join_weight_sync_group(self, host: str, port: int, world_size: int, timeout_s: float,
+                               op_timeout_s: float | None = None) -> None:
+        self.learner.join_weight_sync_group(host, port, world_size, timeout_s, op_timeout_s)
 
     def broadcast_weights(self, plan: list, bucket_bytes: int, include_frozen: bool = True) -> int:
         return self.learner.broadcast_weights(plan, bucket_bytes, include_frozen)

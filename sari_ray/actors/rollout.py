@@ -75,9 +75,9 @@ class RolloutWorker:
                 "total_s": time.perf_counter() - t0, "version": version}
 
     def join_weight_sync_group(self, host: str, port: int, world_size: int, rank_offset: int,
-                               timeout_s: float) -> list[int]:
+                               timeout_s: float, op_timeout_s: float | None = None) -> list[int]:
         """The engine's workers join the collective sync group (blocks until every member has)."""
-        return self.engine.join_weight_sync_group(host, port, world_size, rank_offset, timeout_s)
+        return self.engine.join_weight_sync_group(host, port, world_size, rank_offset, timeout_s, op_timeout_s)
 
     def receive_weights(self, plan: list, version: int) -> dict:
         """One collective sync: buckets broadcast by learner rank 0, laid out as `plan`, applied as they arrive."""

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 import ray
+from rich.markup import escape
 
 from sari_ray.actors.group import ActorGroup, SetupTimeout, first_line, get_all, get_within
 from sari_ray.actors.learner import LearnerActor
@@ -183,10 +184,17 @@ def _node_death(err: Exception) -> str | None:
     return next((line.strip() for line in str(err).splitlines() if "node has died" in line), None)
 
 
-def start_weight_sync(cfg, learners: ActorGroup, rollout):
-    """Weights from learner rank 0 to the engines by `learner.sync_backend` (a collective group is formed here)."""
+def start_weight_sync(cfg, learners: ActorGroup, rollout, console=None):
+    """Weights from learner rank 0 to the engines by `learner.sync_backend` (a collective group is formed here,
+    within the setup deadline; each collective sync has `learner.sync_timeout_s`). `console`: where a failed
+    broadcast and the group formed again are said."""
+    def report(message: str) -> None:  # the message quotes errors: gloo's begin with "[/path/file.cc:553]"
+        if console is not None:
+            console.print(f"[yellow]{escape(message)}", soft_wrap=True)
+
     sync = WeightSync(learners, rollout, backend=cfg.learner.sync_backend,
-                      bucket_bytes=int(cfg.learner.sync_bucket_mb * 2**20), timeout_s=cfg.cluster.setup_timeout_s)
+                      bucket_bytes=int(cfg.learner.sync_bucket_mb * 2**20), timeout_s=cfg.cluster.setup_timeout_s,
+                      sync_timeout_s=cfg.learner.sync_timeout_s, report=report)
     sync.setup()
     return sync
 

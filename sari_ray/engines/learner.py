@@ -28,7 +28,7 @@ from sari_ray.data.schema import AudioMCQ
 from sari_ray.engines.weight_buckets import (bucket_layout, frozen_audio_prefixes, group_by_layer,
                                              hf_to_checkpoint_names, iter_tensor_buckets, iter_weight_buckets,
                                              tensors_checksum)
-from sari_ray.engines.weight_sync_group import backend_for, join_group, open_store, send_buckets
+from sari_ray.engines.weight_sync_group import backend_for, join_group, open_store, release_group, send_buckets
 from sari_ray.metrics import mean_over
 from sari_ray.models import policy as policy_lib
 from sari_ray.prompts import PromptStyle, build_messages, render_prompt, sft_target
@@ -466,23 +466,48 @@ class DeepSpeedLearner:
         return [bucket_layout(bucket) for bucket in iter_tensor_buckets(meta, bucket_bytes, device=None)]
 
     def open_weight_sync_store(self, host: str, world_size: int, timeout_s: float) -> int:
-        """Rank 0 hosts the sync group's rendezvous store; returns its port."""
+        """Rank 0 hosts the sync group's rendezvous store; returns its port. A group formed before (formed again
+        after an engine's restart) is aborted and dropped first, with its store."""
+        self.leave_weight_sync_group()
         self._sync_store = open_store(host, world_size, timeout_s)
         return self._sync_store[1]
 
-    def join_weight_sync_group(self, host: str, port: int, world_size: int, timeout_s: float) -> None:
-        """Rank 0 joins the sync group as its rank 0 (blocks until every engine worker has joined)."""
+    def join_weight_sync_group(self, host: str, port: int, world_size: int, timeout_s: float,
+                               op_timeout_s: float | None = None) -> None:
+        """Rank 0 joins the sync group as its rank 0 (blocks until every engine worker has joined, within
+        `timeout_s`); each broadcast then times out after `op_timeout_s`."""
+        self._drop_sync_group()
         store = self._sync_store[0] if getattr(self, "_sync_store", None) and self._sync_store[1] == port else None
         self._sync_group = join_group(host, port, 0, world_size, backend=backend_for(self.device),
-                                      timeout_s=timeout_s, store=store)
+                                      timeout_s=timeout_s, op_timeout_s=op_timeout_s, store=store)
+
+    def leave_weight_sync_group(self) -> None:
+        """Abort and drop the sync group, then its store (which closes its port; nothing held: nothing to do)."""
+        self._drop_sync_group()
+        self._sync_store = None
+
+    def _drop_sync_group(self) -> None:
+        group = getattr(self, "_sync_group", None)
+        self._sync_group = None
+        if group is not None:
+            release_group(group)
 
     def broadcast_weights(self, plan: list[list[tuple]], bucket_bytes: int, include_frozen: bool = True) -> int:
         """Rank 0 broadcasts the buckets `plan` lays out over the sync group (returns bytes sent); the other
         ranks only take part in the gathers (ZeRO-3) and return 0. Call on every rank. If rank 0 fails (the
-        broadcast too), every rank raises (`_on_rank0`)."""
+        broadcast too), every rank raises (`_on_rank0`), and rank 0 drops the broken group (the driver forms a
+        new one)."""
         groups = self._layer_groups(engine_only=True, skip_frozen=not include_frozen, to_cpu=self.device == "cpu")
-        sent = self._on_rank0("weight broadcast", groups, lambda checked: send_buckets(
-            self._sync_group, iter_tensor_buckets(checked, bucket_bytes, device=None), plan, self.device))
+
+        def send(checked):
+            try:
+                return send_buckets(self._sync_group, iter_tensor_buckets(checked, bucket_bytes, device=None), plan,
+                                    self.device)
+            except BaseException:
+                self._drop_sync_group()
+                raise
+
+        sent = self._on_rank0("weight broadcast", groups, send)
         return sent if self.rank == 0 else 0
 
     def param_sums(self) -> dict[str, float]:

@@ -237,10 +237,13 @@ class VLLMEngine:
         return loaded, time.perf_counter() - t0
 
     def join_weight_sync_group(self, host: str, port: int, world_size: int, rank_offset: int,
-                               timeout_s: float) -> list[int]:
+                               timeout_s: float, op_timeout_s: float | None = None) -> list[int]:
         """Every engine worker joins the collective sync group (`weight_sync_group`) as ranks rank_offset,
-        rank_offset + 1, ... (one per tensor-parallel rank). Blocks until the whole group has joined."""
-        return self.llm.collective_rpc("sari_join_sync_group", args=(host, port, world_size, rank_offset, timeout_s))
+        rank_offset + 1, ... (one per tensor-parallel rank), dropping the group it held before, if any. Blocks
+        until the whole group has joined (within `timeout_s`); each broadcast then times out after
+        `op_timeout_s`."""
+        return self.llm.collective_rpc("sari_join_sync_group",
+                                       args=(host, port, world_size, rank_offset, timeout_s, op_timeout_s))
 
     def leave_weight_sync_group(self) -> None:
         self.llm.collective_rpc("sari_leave_sync_group")

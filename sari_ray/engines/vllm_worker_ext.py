@@ -7,7 +7,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import sys
+import time
 from collections.abc import Iterable, Iterator
+
+# Test-only: seconds a worker sleeps after each bucket it receives by broadcast, printing a line to stderr
+# first, so that a test can kill a worker while a collective sync is in flight (a tiny model's broadcast
+# takes milliseconds). Unset (the default) it does nothing; no run should set it.
+TEST_RECEIVE_PAUSE_ENV = "SARI_TEST_RECEIVE_PAUSE_S"
 
 _RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise",
                    "vllm.model_executor.model_loader.reload.inplace")
@@ -143,37 +151,56 @@ class WeightSyncExtension:
             raise RuntimeError("no weight stream is open on this worker (call sari_stream_begin first)")
         return stream
 
-    def sari_join_sync_group(self, host: str, port: int, world_size: int, rank_offset: int, timeout_s: float) -> int:
-        """Join the collective sync group as rank `rank_offset + this worker's rank in its engine`."""
+    def sari_join_sync_group(self, host: str, port: int, world_size: int, rank_offset: int, timeout_s: float,
+                             op_timeout_s: float | None = None) -> int:
+        """Join the collective sync group as rank `rank_offset + this worker's rank in its engine`, within
+        `timeout_s`; each broadcast on it then times out after `op_timeout_s`. A group this worker still holds
+        (the group is formed again after a worker's restart) is aborted and dropped first."""
         from sari_ray.engines.weight_sync_group import backend_for, join_group
 
+        self.sari_leave_sync_group()
         rank = rank_offset + int(getattr(self, "rank", 0))
         device = self.model_runner.device
         self.__dict__["_sari_group"] = join_group(host, port, rank, world_size, backend=backend_for(device),
-                                                  timeout_s=timeout_s)
+                                                  timeout_s=timeout_s, op_timeout_s=op_timeout_s)
         return rank
 
     def sari_leave_sync_group(self) -> None:
-        self.__dict__.pop("_sari_group", None)
+        from sari_ray.engines.weight_sync_group import release_group
+
+        group = self.__dict__.pop("_sari_group", None)
+        if group is not None:
+            release_group(group)
 
     def sari_receive_broadcast(self, plan: list) -> int:
         """One sync over the collective group: receive the buckets `plan` lays out (from learner rank 0) and
-        reload them as they arrive. Returns the tensor count."""
+        reload them as they arrive. Returns the tensor count. A receive that fails (a member died, an operation
+        timed out) leaves the group broken: it is dropped here, and the driver forms a new one."""
         from sari_ray.engines.weight_sync_group import receive_buckets
 
         group = self.__dict__.get("_sari_group")
         if group is None:
             raise RuntimeError("this worker is in no weight-sync group (sari_join_sync_group was not called)")
         count = 0
+        pause_s = float(os.environ.get(TEST_RECEIVE_PAUSE_ENV) or 0)
+
+        def pause(bucket: int) -> None:  # test-only (see TEST_RECEIVE_PAUSE_ENV)
+            print(f"sari test pause: weight bucket {bucket + 1}/{len(plan)} received, pausing {pause_s} s",
+                  file=sys.stderr, flush=True)
+            time.sleep(pause_s)
 
         def tensors():
             nonlocal count
-            for item in receive_buckets(group, plan, self.model_runner.device):
+            for item in receive_buckets(group, plan, self.model_runner.device, on_bucket=pause if pause_s else None):
                 count += 1
                 yield item
 
-        with _frozen_encoder_filter() as log_filter:
-            self.reload_weights(weights_iterator=log_filter.watch(tensors()), is_checkpoint_format=True)
+        try:
+            with _frozen_encoder_filter() as log_filter:
+                self.reload_weights(weights_iterator=log_filter.watch(tensors()), is_checkpoint_format=True)
+        except BaseException:
+            self.sari_leave_sync_group()
+            raise
         return count
 
     def sari_encode_filled_frames_only(self) -> bool:

@@ -6,6 +6,7 @@ weights of an uninterrupted run, every step in MLflow, and no process of it left
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 
@@ -121,4 +122,65 @@ def test_kill_9_of_the_reward_scorer_then_of_the_curriculum_scheduler_during_grp
     client = MlflowClient(summary["tracking_uri"])
     for key in ("faults/reward_restarts", "faults/curriculum_restarts"):
         assert [m.value for m in client.get_metric_history(summary["mlflow_run_id"], key)] == [1], key
+    assert_none_left(proc.pid, procs)
+
+
+def test_kill_9_of_a_rollout_worker_mid_collective_broadcast(tmp_path, tiny_qwen2_audio, synth_data, monkeypatch):
+    """learner.sync_backend=collective, 2 rollout workers: `kill -9` of one worker while a broadcast is in flight
+    (the test-only SARI_TEST_RECEIVE_PAUSE_S widens a tiny model's broadcast to seconds: each worker pauses after
+    every bucket it receives, and says so). The surviving worker leaves the broken broadcast within
+    learner.sync_timeout_s (it would stay in it for cluster.setup_timeout_s, 30 min, before), the sync is redone
+    through the object store, the group is formed again for the next broadcast, and the run ends on its own with
+    every step logged."""
+    from mlflow.tracking import MlflowClient
+
+    from sari_ray.engines.vllm_worker_ext import TEST_RECEIVE_PAUSE_ENV
+
+    sync_timeout_s = 30
+    monkeypatch.setenv(TEST_RECEIVE_PAUSE_ENV, "0.5")
+    monkeypatch.setenv("RAY_DEDUP_LOGS", "0")  # every worker's pause line reaches the console, none folded
+    out = tmp_path / "run"
+    batches = out / "batches.jsonl"
+    proc = start(out, tiny_qwen2_audio, synth_data, "rollout.num_workers=2", "cluster.num_cpus=5",
+                 "learner.sync_backend=collective", f"learner.sync_timeout_s={sync_timeout_s}",
+                 "learner.sync_bucket_mb=0.25")  # 11 buckets of the tiny model's 4 MiB: about 6 s a broadcast
+    # GRPO step 1 logged: the next broadcast is step 2's (two more follow it, on the group formed again)
+    wait_for(lambda: batches.exists() and batches.read_text().count("\n") >= 1, proc)
+    seen = log_text(out).count("sari test pause: weight bucket 2/")
+    wait_for(lambda: log_text(out).count("sari test pause: weight bucket 2/") > seen, proc)
+    pauses = [line for line in log_text(out).splitlines() if "sari test pause: weight bucket 2/" in line]
+    pid = int(re.search(r"pid=(\d+)", pauses[-1]).group(1))  # a worker pausing between two buckets it received
+    workers = actor_processes(proc.pid, "RolloutWorker")
+    assert len(workers) == 2 and pid in [w.pid for w in workers], (pauses[-1], [w.pid for w in workers])
+    procs = run_processes(proc.pid)
+    t_kill = time.monotonic()
+    next(w for w in workers if w.pid == pid).send_signal(signal.SIGKILL)
+    wait_for(lambda: "redone through the object store" in log_text(out), proc)
+    going_on_s = time.monotonic() - t_kill
+    procs += run_processes(proc.pid)  # the restarted worker
+    proc.wait(900)
+    text = log_text(out)
+    assert proc.returncode == 0, text[-3000:]
+    failed = [line for line in text.splitlines() if "collective weight sync v" in line]
+    assert len(failed) == 1, failed  # one broadcast broken; the ones after it went through the new group
+    held = re.search(r"the other members left the broken broadcast after ([\d.]+) s", failed[0])
+    assert held and "died" in failed[0], failed[0]
+    held_s = float(held.group(1))
+    # the restart is seen when the redo reaches the worker while Ray restarts it (not when it is back already)
+    restart = [line for line in text.splitlines() if "restarted by Ray and back with weights" in line]
+    formed_again = [line for line in text.splitlines() if "weight-sync group formed again" in line]
+    print(failed[0], *restart, *formed_again, sep="\n")
+    print(f"failure -> the survivors out of the broken broadcast: {held_s:.1f} s (learner.sync_timeout_s="
+          f"{sync_timeout_s}); kill -> run going on (sync redone, killed worker back): {going_on_s:.1f} s")
+    assert held_s <= sync_timeout_s + 5, failed[0]  # one operation's timeout, plus a pause and a loaded machine
+    assert formed_again and text.index(formed_again[0]) > text.index(failed[0]), formed_again
+
+    summary = json.loads((out / "summary.json").read_text())
+    client = MlflowClient(summary["tracking_uri"])
+
+    def history(key):
+        return client.get_metric_history(summary["mlflow_run_id"], key)
+
+    assert sorted(m.step for m in history("reward/mean")) == [1, 2, 3, 4]  # every step, once
+    assert max(m.value for m in history("faults/rollout_restarts")) == len(restart) <= 1
     assert_none_left(proc.pid, procs)

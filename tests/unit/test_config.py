@@ -133,6 +133,7 @@ RULE_CASES = {
     "learner.gradient_clipping": ["learner.gradient_clipping=-1"],
     "learner.weight_decay": ["learner.weight_decay=-0.1"],
     "learner.sync_bucket_mb": ["learner.sync_bucket_mb=0"],
+    "learner.sync_timeout_s": ["learner.sync_timeout_s=0"],
     "sft.learning_rate": ["sft.learning_rate=0"],
     "grpo.learning_rate": ["grpo.learning_rate=inf"],
     "curriculum.promote_threshold": ["curriculum.promote_threshold=1.5"],
