@@ -202,3 +202,27 @@ def test_weight_buckets_lost_with_their_owner_are_the_learners_death_not_the_wor
                                         r"put in the object store are lost with it"):
         group.load_weights(fresh, 2)
     assert group.restart_count == 0
+
+
+class HangingLoader(FlakyWorker):
+    def load_weights(self, refs, version):  # a worker stuck on a weight load (an object it cannot fetch, say)
+        import threading
+
+        threading.Event().wait()
+
+
+def test_a_weight_reload_of_one_worker_has_the_step_deadline(ray_local, tmp_path):
+    """A single worker's reload (after its restart, or to re-run a shard on the weights it was sent under) waits
+    within the per-step deadline and names the worker and the call, instead of waiting forever."""
+    from sari_ray.actors.group import StepTimeout
+    from sari_ray.actors.rollout_group import RolloutGroup
+
+    (tmp_path / "die_on").write_text("")
+    actor = ray_local.remote(HangingLoader).options(num_cpus=0).remote(str(tmp_path))
+    group = RolloutGroup([actor], 0, 60, step_timeout_s=2)
+    group.recent_weights[3] = ["w3"]
+    t0 = time.monotonic()
+    with pytest.raises(StepTimeout, match=r"rollout worker rank\(s\) \[0\] did not finish load_weights within 2 s"):
+        group._reload(0, 3)
+    assert time.monotonic() - t0 < 30
+    ray_local.kill(actor)
