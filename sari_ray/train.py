@@ -69,7 +69,8 @@ class Trainer:
             self.curriculum = wiring.start_curriculum(cfg, self.tiers)
             self.reward = wiring.start_reward_scorer(cfg)
             self.rollout = wiring.start_rollout_workers(
-                cfg, self.model_path, on_restart=lambda *a: recovery.rollout_worker_restarted(self, *a))
+                cfg, self.model_path, on_restart=lambda *a: recovery.rollout_worker_restarted(self, *a),
+                on_pool_change=lambda event: recovery.rollout_pool_changed(self, event))
             self.pipeline = RolloutPipeline(cfg.rollout.max_staleness, cfg.grpo.steps, self._draw_batch,
                                             self._send_rollouts, self._collect_rollouts)
             self.learners = wiring.start_learners(cfg, self.learner_setup_kwargs())
@@ -77,6 +78,7 @@ class Trainer:
             self.weight_sync = wiring.start_weight_sync(cfg, self.learners, self.rollout, self.console)
             if checkpoint is not None:
                 trainer_state.restore(self, checkpoint)
+            wiring.ask_autoscaler_for_rollout_pool(cfg)
         self.console.print(f"actors up: {len(self.rollout)} rollout, {len(self.learners)} learner "
                            f"(engine start {max(start_s):.0f} s)")
 
@@ -179,6 +181,7 @@ class Trainer:
         cfg, s, g = self.cfg, self.state, self.cfg.grpo.num_generations
         self.timings = {}  # this step's phases only
         t_step = time.perf_counter()
+        self.rollout.reconcile()  # the pool as the cluster offers it: workers joined, nodes gone
         with self.phase("rollout"):  # waiting for them: sent now, or up to rollout.max_staleness steps ago
             batch_ids, rollouts = self.pipeline.take(step)
         samples = [self.by_id[i] for i in batch_ids]
@@ -201,7 +204,7 @@ class Trainer:
         with self.phase("sync"):  # nothing learned (every group uniform and dropped): the weights stay as they are
             sync = self.sync_weights() if records else {"bytes": 0.0, "buckets": 0, "seconds": 0.0}
         extra = {**learn, **self.ask_curriculum("metrics"), "learn/records": len(records),
-                 "faults/rollout_restarts": s.get("faults", {}).get("rollout_restarts", 0)}
+                 **recovery.pool_metrics(self)}
         m = metrics_lib.grpo_step_metrics(completions, scores, [is_truncated(c) for c in completions],
                                           [x.tier or 0 for x in expanded], staleness, g, time.perf_counter() - t_step,
                                           self.timings, sync, s["weight_version"], extra)

@@ -31,6 +31,12 @@ class RolloutWorker:
 
         return os.getpid()
 
+    def node_id(self) -> str:
+        """The Ray node this worker runs on: the pool drops a worker whose node has left the cluster."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def generate(self, samples: list[dict], style: str, *, n: int, temperature: float, top_p: float,
                  max_tokens: int, seed: int | None = None) -> list[dict]:
         """G completions per sample: ids, sampling log-probs, finish reasons, the weight version used.

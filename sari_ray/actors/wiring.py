@@ -14,7 +14,7 @@ from sari_ray.actors.reward import RewardScorer
 from sari_ray.actors.rollout import RolloutWorker
 from sari_ray.actors.rollout_group import RolloutGroup
 from sari_ray.actors.weight_sync import WeightSync
-from sari_ray.config import actor_resources, grpo_settings, step_timeout_s
+from sari_ray.config import actor_resources, grpo_settings, rollout_pool_bounds, step_timeout_s, worker_resources
 from sari_ray.curriculum import CurriculumScheduler
 
 
@@ -72,11 +72,13 @@ def missing_resources(need: dict[str, float], offered: dict[str, float]) -> dict
     return {k: (v, offered.get(k, 0.0)) for k, v in need.items() if offered.get(k, 0.0) + 1e-9 < v}
 
 
-def wait_for_resources(cfg, poll_s: float = 2.0, deadline: float | None = None, say=None) -> None:
+def wait_for_resources(cfg, poll_s: float = 2.0, deadline: float | None = None, say=None,
+                       need: dict[str, float] | None = None) -> None:
     """Fail within `cluster.resource_wait_s` (or by `deadline`, a time.monotonic() value) when the cluster does
     not offer what the actors ask for, instead of pending forever (a RayJob has no deadline). The wait leaves an
-    autoscaler time to add nodes; `say` (a print function) is told once what is waited for."""
-    need = actor_resources(cfg)
+    autoscaler time to add nodes; `say` (a print function) is told once what is waited for. `need`: what to
+    wait for (default: every actor's resources)."""
+    need = actor_resources(cfg) if need is None else need
     deadline = time.monotonic() + cfg.cluster.resource_wait_s if deadline is None else deadline
     while True:
         offered = ray.cluster_resources()
@@ -102,14 +104,15 @@ def _lacking(missing: dict[str, tuple[float, float]]) -> str:
 
 
 def engine_kwargs(cfg) -> dict[str, Any]:
-    """A rollout worker's vLLM engine, from the config (its KV cache sized for its share of a step's batch)."""
+    """A rollout worker's vLLM engine, from the config (its KV cache sized for its share of a step's batch in
+    the smallest pool the run may have, rollout.min_workers)."""
     r = cfg.rollout
     return dict(seed=cfg.run.seed, max_model_len=r.max_model_len, dtype=cfg.model.dtype,
                 tensor_parallel_size=r.tensor_parallel_size, gpu_memory_utilization=r.gpu_memory_utilization,
                 kv_cache_memory_bytes=int(r.kv_cache_memory_gb * 2**30) if r.kv_cache_memory_gb else None,
                 enforce_eager=r.enforce_eager, device=cfg.run.device, max_num_batched_tokens=r.max_num_batched_tokens,
                 threads=cfg.cluster.torch_threads_per_actor,
-                kv_cache_sequences=-(-cfg.grpo.prompts_per_step * cfg.grpo.num_generations // r.num_workers))
+                kv_cache_sequences=-(-cfg.grpo.prompts_per_step * cfg.grpo.num_generations // rollout_pool_bounds(cfg)[0]))
 
 
 def learner_setup_kwargs(cfg, model_path: str, reference_path: str | None) -> dict[str, Any]:
@@ -124,17 +127,35 @@ def learner_setup_kwargs(cfg, model_path: str, reference_path: str | None) -> di
                 max_audio_seconds=cfg.data.max_audio_seconds, reference_path=reference_path)
 
 
-def start_rollout_workers(cfg, model_path: str, on_restart=None) -> RolloutGroup:
-    """A RolloutGroup: Ray restarts a dead worker up to `rollout.max_restarts` times; the group re-syncs it."""
+def start_rollout_workers(cfg, model_path: str, on_restart=None, on_pool_change=None) -> RolloutGroup:
+    """A RolloutGroup: Ray restarts a dead worker up to `rollout.max_restarts` times; the group re-syncs it. The
+    pool grows and shrinks between rollout.min_workers and rollout.max_workers (`RolloutGroup.reconcile`)."""
     remote = ray.remote(RolloutWorker).options(
         num_cpus=cfg.rollout.num_cpus_per_worker, num_gpus=cfg.rollout.num_gpus_per_worker,
         resources=dict(cfg.rollout.resources), runtime_env={"env_vars": actor_env(cfg)},
         max_restarts=cfg.rollout.max_restarts, max_task_retries=0)
-    actors = [remote.remote(model_path, engine_kwargs(cfg), cfg.data.max_audio_seconds)
-              for _ in range(cfg.rollout.num_workers)]
-    return RolloutGroup(actors, cfg.rollout.max_restarts, cfg.cluster.setup_timeout_s,
-                        **({"on_restart": on_restart} if on_restart else {}), step_timeout_s=step_timeout_s(cfg),
-                        keep_versions=cfg.rollout.max_staleness + 1)
+    args = (model_path, engine_kwargs(cfg), cfg.data.max_audio_seconds)
+    low, high = rollout_pool_bounds(cfg)
+    callbacks = {"on_restart": on_restart, "on_pool_change": on_pool_change}
+    return RolloutGroup([remote.remote(*args) for _ in range(cfg.rollout.num_workers)], cfg.rollout.max_restarts,
+                        cfg.cluster.setup_timeout_s, step_timeout_s=step_timeout_s(cfg),
+                        keep_versions=cfg.rollout.max_staleness + 1, min_workers=low, max_workers=high,
+                        start_worker=lambda: remote.remote(*args), worker_resources=worker_resources(cfg.rollout),
+                        resource_wait_s=cfg.cluster.resource_wait_s,
+                        **{k: v for k, v in callbacks.items() if v is not None})
+
+
+def ask_autoscaler_for_rollout_pool(cfg) -> None:
+    """On an autoscaling cluster (KubeRay with enableInTreeAutoscaling), ask for room for rollout.max_workers
+    workers and the learners, so rollout pods are added up to the pool's ceiling (`request_resources` is a
+    standing request: it replaces any earlier one). Without an autoscaler it is only recorded."""
+    low, high = rollout_pool_bounds(cfg)
+    if high <= cfg.rollout.num_workers:
+        return
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[worker_resources(cfg.rollout)] * high
+                      + [worker_resources(cfg.learner)] * cfg.learner.num_workers)
 
 
 def start_learners(cfg, setup_kwargs: dict[str, Any]) -> ActorGroup:
@@ -167,8 +188,10 @@ def restart_learners(cfg, setup_kwargs: dict[str, Any], say=print) -> ActorGroup
     start the group, and while time is left start it again when its actors die during placement or setup.
     After the window, `SetupTimeout` names what the cluster lacks (`learner_slot: needs 2, offers 0`)."""
     deadline = time.monotonic() + cfg.cluster.resource_wait_s
+    # the learners' resources only: the rollout pool may have shrunk meanwhile and is not waited for
+    learners_need = {k: v * cfg.learner.num_workers for k, v in worker_resources(cfg.learner).items()}
     while True:
-        wait_for_resources(cfg, deadline=deadline, say=say)
+        wait_for_resources(cfg, deadline=deadline, say=say, need=learners_need)
         try:
             return start_learners(cfg, setup_kwargs)
         except ray.exceptions.RayActorError as err:
@@ -199,20 +222,33 @@ def start_weight_sync(cfg, learners: ActorGroup, rollout, console=None):
     return sync
 
 
-def wait_rollout_ready(cfg, group: ActorGroup) -> list[float]:
-    """Engine start seconds per worker, within the setup deadline."""
-    return get_within(group.call_refs("ready"), cfg.cluster.setup_timeout_s,
-                      f"start of {len(group)} vLLM rollout workers",
-                      f"Does the cluster offer {dict(cfg.rollout.resources)} per worker? Check the workers' logs.")
+def wait_rollout_ready(cfg, group: RolloutGroup) -> list[float]:
+    """Engine start seconds per worker, within the setup deadline; then where each runs (the pool drops a worker
+    whose node leaves)."""
+    start_s = get_within(group.call_refs("ready"), cfg.cluster.setup_timeout_s,
+                         f"start of {len(group)} vLLM rollout workers",
+                         f"Does the cluster offer {dict(cfg.rollout.resources)} per worker? Check the workers' logs.")
+    group.note_nodes()
+    return start_s
+
+
+def on_the_driver_node() -> dict:
+    """Actor options that place it on the driver's node. The service actors (reward scorer, curriculum scheduler)
+    ask for no CPU, so Ray would place them on any node, a rollout pod that is scaled away or a learner node that
+    is lost included; with the driver they die only with the run itself."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                  soft=False)}
 
 
 def start_reward_scorer(cfg):
-    return ray.remote(RewardScorer).options(num_cpus=0).remote(
+    return ray.remote(RewardScorer).options(num_cpus=0, **on_the_driver_node()).remote(
         cfg.prompt.style, cfg.reward.accuracy_weight, cfg.reward.format_weight)
 
 
 def start_curriculum(cfg, tiers: dict[str, int]):
-    return ray.remote(CurriculumScheduler).options(num_cpus=0).remote(
+    return ray.remote(CurriculumScheduler).options(num_cpus=0, **on_the_driver_node()).remote(
         tiers, mode=cfg.curriculum.mode, batch_size=cfg.grpo.prompts_per_step, window=cfg.curriculum.window,
         promote_threshold=cfg.curriculum.promote_threshold, min_steps_at_tier=cfg.curriculum.min_steps_at_tier,
         max_steps_at_tier=cfg.curriculum.max_steps_at_tier,
@@ -225,6 +261,8 @@ def shutdown(rollout) -> None:
     import sys
 
     try:
+        for joiner in getattr(rollout, "joining", []):  # started, never admitted
+            ray.kill(joiner.actor, no_restart=True)
         get_all(rollout.call_refs("shutdown"), 120.0, "rollout worker", "shutdown")
     except Exception as err:  # noqa: BLE001 - the run's own error, if any, is the one to report
         print(f"warning: rollout engines did not shut down cleanly ({err}); stopping Ray", file=sys.stderr)

@@ -28,6 +28,11 @@ class FlakyWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def load_weights(self, refs, version):
         self.version = version
         return {"bytes": 1, "version": version}

@@ -76,6 +76,8 @@ RULE_CASES = {
     "learner.sync_backend": ["learner.sync_backend=nccl"],
     # POSITIVE: integers >= 1
     "rollout.num_workers": ["rollout.num_workers=0"],
+    "rollout.min_workers": ["rollout.min_workers=0"],
+    "rollout.max_workers": ["rollout.max_workers=0"],
     "learner.num_workers": ["learner.num_workers=0"],
     "grpo.prompts_per_step": ["grpo.prompts_per_step=0"],
     "grpo.num_generations": ["grpo.num_generations=0"],
@@ -153,6 +155,7 @@ RULE_CASES = {
     "model_len_fits_a_turn": ["rollout.max_model_len=700"],
     "cpu_token_budget_holds_a_prompt": ["rollout.max_num_batched_tokens=512"],
     "max_steps_after_min_steps": ["curriculum.max_steps_at_tier=2"],
+    "pool_bounds_hold_the_start": ["rollout.num_workers=2", "rollout.max_workers=1"],
     "some_reward": ["reward.accuracy_weight=0", "reward.format_weight=0"],
     "stale_rollouts_are_corrected": ["rollout.max_staleness=1", "grpo.vllm_importance_sampling_correction=false"],
     "synth_writes_jsonl": ["data.format=mmau"],
