@@ -44,7 +44,10 @@ def rollout_pool_changed(trainer, event) -> None:
     """A rollout worker joined the pool or left it with its node (`RolloutGroup.reconcile`): said on the console,
     a node loss counted as `faults/rollout_node_losses`."""
     pool = trainer.rollout
-    if event.kind == "join":
+    if event.kind == "starting":
+        line = (f"rollout worker {event.name} starting: the cluster has room for it (pool {event.workers} of at "
+                f"most {pool.max_workers})")
+    elif event.kind == "join":
         line = (f"[green]rollout worker {event.name} joined after {event.seconds:.0f} s ({event.detail}); pool "
                 f"{event.workers} of at most {pool.max_workers}")
     elif event.kind == "leave":

@@ -62,7 +62,7 @@ class Joiner:
 @dataclass
 class PoolEvent:
     """A join or a leave, for the driver's console line and metrics."""
-    kind: str  # "join" | "leave" | "join_failed"
+    kind: str  # "starting" | "join" | "leave" | "join_failed"
     name: int
     seconds: float  # join: from asking for the worker to it holding the weights; leave: from the loss noticed
     detail: str
@@ -347,6 +347,7 @@ class RolloutGroup(ActorGroup):
         for _ in range(min(room, fits)):
             actor = self.start_worker()
             self.joining.append(Joiner(self.next_name, actor, actor.ready.remote(), time.monotonic()))
+            self.on_pool_change(PoolEvent("starting", self.next_name, 0.0, "the cluster has room for it", len(self)))
             self.next_name += 1
         return min(room, fits)
 
@@ -413,7 +414,7 @@ class RolloutGroup(ActorGroup):
             if time.monotonic() > deadline:
                 free = ray.available_resources()
                 lacking = ", ".join(f"{k}: needs {v:g} per worker, free {free.get(k, 0.0):g}"
-                                    for k, v in sorted(self.worker_resources.items()))
+                                    for k, v in sorted(self.worker_resources.items()) if free.get(k, 0.0) < v)
                 raise SetupTimeout(
                     f"the rollout pool has {len(self)} worker(s), below rollout.min_workers={self.min_workers}, and "
                     f"the Ray cluster offered no room for another within {self.resource_wait_s:.0f} s "

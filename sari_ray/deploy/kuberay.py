@@ -53,6 +53,13 @@ class Storage:
     mlflow_class: str | None = None  # ReadWriteOnce block storage (sqlite); None: the cluster default
 
 
+# Ray's autoscaler as a sidecar of the head: pods that hold no actor for a minute go (a rollout pod's worker holds
+# its slot for the whole run, so only pods the pool never used, or one above a lowered maxReplicas, are removed)
+AUTOSCALER_OPTIONS = {"upscalingMode": "Default", "idleTimeoutSeconds": 60,
+                      "resources": {"requests": {"cpu": "500m", "memory": "512Mi"},
+                                    "limits": {"cpu": "1", "memory": "1Gi"}}}
+
+
 def pinned_ray_version() -> str:
     """`spec.rayVersion` must be the Ray in the image (and >= 2.52 for token auth): the pin, read from
     docker/requirements/common.txt, which the images install."""
@@ -123,13 +130,24 @@ def ray_cluster_spec(cfg: Any, *, shapes: Shapes, image: str, namespace: str, ro
     """The spec the RayCluster and the RayJob share. Token auth names a Secret the user creates (so the
     long-lived cluster, the RayJob's cluster and `ray job submit` share one token) instead of letting
     KubeRay generate one per cluster."""
-    rollout = plan_group("rollout", cfg.rollout, rollout_workers, shapes.rollout)
+    r = cfg.rollout
+    pool = (rollout_workers if r.min_workers is None else r.min_workers,
+            rollout_workers if r.max_workers is None else r.max_workers)
+    if not pool[0] <= rollout_workers <= pool[1]:
+        raise DeployError(f"--rollout-workers {rollout_workers} is outside rollout.min_workers={pool[0]} .. "
+                          f"rollout.max_workers={pool[1]} (the elastic pool's bounds): choose a start within them, "
+                          f"or change the bounds")
+    rollout = plan_group("rollout", cfg.rollout, rollout_workers, shapes.rollout, pool=pool)
     learner = plan_group("learner", cfg.learner, learners, shapes.learner)
     check_groups_apart(rollout, learner)
     env = mlflow_server.client_env(namespace)
+    elastic = rollout.max_replicas > rollout.min_replicas
     spec = {
         "rayVersion": pinned_ray_version(),
-        "enableInTreeAutoscaling": False,  # replicas follow the config, not load
+        # an elastic rollout pool: Ray's autoscaler adds rollout pods up to maxReplicas (the driver asks it for
+        # rollout.max_workers with request_resources) and honours a patched min/maxReplicas on a live run
+        "enableInTreeAutoscaling": elastic,
+        **({"autoscalerOptions": AUTOSCALER_OPTIONS} if elastic else {}),
         "authOptions": {"mode": "token", "secretName": TOKEN_SECRET},
         "headGroupSpec": head_group(shapes.head, image=image, env=env),
         "workerGroupSpecs": [worker_group(rollout, image=image, env=env), worker_group(learner, image=image, env=env)],

@@ -69,6 +69,7 @@ class GroupPlan:
     name: str
     replicas: int
     max_replicas: int
+    min_replicas: int  # below replicas only for the elastic rollout pool (rollout.min_workers)
     actors_per_pod: int
     cpus: int  # Kubernetes request == Ray num-cpus
     gpus: int  # Kubernetes request == Ray num-gpus
@@ -82,9 +83,12 @@ class GroupPlan:
         return self.object_store_gib + SHM_HEADROOM_GIB
 
 
-def plan_group(name: str, section: Any, num_workers: int, shape: GroupShape) -> GroupPlan:
-    """Pods for `num_workers` actors of config section `name` (rollout | learner)."""
+def plan_group(name: str, section: Any, num_workers: int, shape: GroupShape,
+               pool: tuple[int, int] | None = None) -> GroupPlan:
+    """Pods for `num_workers` actors of config section `name` (rollout | learner). `pool`: the elastic rollout
+    pool's (min_workers, max_workers): the group's minReplicas and maxReplicas follow them."""
     per_pod = shape.actors_per_pod
+    low, high = pool or (num_workers, num_workers)
     if num_workers < 1 or per_pod < 1:
         raise DeployError(f"{name}: num_workers ({num_workers}) and actors_per_pod ({per_pod}) must be >= 1")
     if num_workers % per_pod:
@@ -103,13 +107,15 @@ def plan_group(name: str, section: Any, num_workers: int, shape: GroupShape) -> 
         raise DeployError(f"{name}.tensor_parallel_size={tp} needs {name}.num_gpus_per_worker >= {tp}: Ray shows "
                           f"an actor only the GPUs it requested, so the engine could not see its other shards")
     replicas = num_workers // per_pod
-    max_replicas = replicas if shape.max_replicas is None else shape.max_replicas
+    # whole pods: at least min_workers, at most max_workers
+    max_replicas = max(high // per_pod, replicas) if shape.max_replicas is None else shape.max_replicas
     if max_replicas < replicas:
         raise DeployError(f"{name}.max_replicas={max_replicas} is below the {replicas} pods that "
                           f"{name}.num_workers={num_workers} needs")
     shm_gib = shape.object_store_gib + SHM_HEADROOM_GIB
     return GroupPlan(
-        name=name, replicas=replicas, max_replicas=max_replicas, actors_per_pod=per_pod,
+        name=name, replicas=replicas, max_replicas=max_replicas, min_replicas=min(-(-low // per_pod), replicas),
+        actors_per_pod=per_pod,
         cpus=math.ceil(per_pod * section.num_cpus_per_worker) + shape.cpu_headroom, gpus=int(gpus),
         # /dev/shm is RAM charged to the container: the pod's memory covers the actors and the shm volume.
         memory_gib=per_pod * shape.memory_gib_per_actor + shm_gib, object_store_gib=shape.object_store_gib,
@@ -182,12 +188,13 @@ def ray_resources_param(resources: dict[str, float]) -> str:
 
 
 def worker_group(plan: GroupPlan, *, image: str, env: list[dict[str, Any]]) -> dict[str, Any]:
-    """minReplicas = replicas: the driver waits for exactly num_workers actors, so neither the operator
-    nor a stray patch should shrink the group below what the config says."""
+    """minReplicas: the pods the run cannot go on without (the learners: all of them; the rollout pool:
+    rollout.min_workers), so neither the operator nor a stray patch shrinks the group below that; maxReplicas:
+    as many as the config lets the driver use (rollout.max_workers)."""
     return {
         "groupName": plan.name,
         "replicas": plan.replicas,
-        "minReplicas": plan.replicas,
+        "minReplicas": plan.min_replicas,
         "maxReplicas": plan.max_replicas,
         "rayStartParams": {"num-cpus": str(plan.cpus), "num-gpus": str(plan.gpus),
                            "resources": ray_resources_param(plan.resources),

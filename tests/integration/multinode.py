@@ -163,6 +163,26 @@ def node_processes(node) -> dict[str, list[int]]:
     return found
 
 
+def constructed(node, class_name: str) -> bool:
+    """Whether an actor of `class_name` on the node has finished its constructor: Ray titles its process
+    `ray::Class.__init__` while the constructor runs, `ray::Class` (or `ray::Class.method`) after."""
+    import psutil
+
+    for info in node.all_processes.get("raylet", []):
+        try:
+            children = psutil.Process(info.process.pid).children(recursive=True)
+        except psutil.Error:
+            continue
+        for child in children:
+            try:
+                title = (child.cmdline() or [""])[0]
+            except psutil.Error:
+                continue
+            if title.startswith(f"ray::{class_name}") and not title.startswith(f"ray::{class_name}.__init__"):
+                return True
+    return False
+
+
 def start_driver(address: str, args: list[str], log: Path) -> subprocess.Popen:
     """`python -m sari_ray.train ARGS` attached to the cluster through RAY_ADDRESS, in its own process group.
     MLFLOW_TRACKING_URI is unset: with no tracking.tracking_uri the run logs to sqlite in its output directory

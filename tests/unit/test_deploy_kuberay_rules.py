@@ -46,19 +46,38 @@ def custom_resources(group):
     return json.loads(group["rayStartParams"].get("resources", "'{}'").strip("'"))
 
 
-@pytest.mark.parametrize("group, flag, key", [("rollout", "rollout_workers", "rollout.num_workers"),
-                                              ("learner", "learners", "learner.num_workers")])
-def test_changing_one_groups_count_changes_only_that_group(cfg, manifests, group, flag, key):
-    other = render(cfg, **{flag: 7})
+@pytest.mark.parametrize("group, flag, key, count, fields", [
+    # the example's rollout pool is elastic (min_workers 1, max_workers 4): a start within it moves replicas only
+    ("rollout", "rollout_workers", "rollout.num_workers", 3, ("replicas",)),
+    ("learner", "learners", "learner.num_workers", 7, ("replicas", "minReplicas", "maxReplicas"))])
+def test_changing_one_groups_count_changes_only_that_group(cfg, manifests, group, flag, key, count, fields):
+    other = render(cfg, **{flag: count})
     index = 0 if group == "rollout" else 1
     changed = {d for file in manifests for d in differences(manifests[file], other[file], (file,))}
     groups = {("raycluster.yaml", 0, "spec", "workerGroupSpecs", index),
               ("rayjob.yaml", 0, "spec", "rayClusterSpec", "workerGroupSpecs", index)}
-    assert changed == {g + (f,) for g in groups for f in ("replicas", "minReplicas", "maxReplicas")} | {
-        ("rayjob.yaml", 0, "spec", "entrypoint")}
+    assert changed == {g + (f,) for g in groups for f in fields} | {("rayjob.yaml", 0, "spec", "entrypoint")}
     entrypoint = shlex.split(other["rayjob.yaml"][0]["spec"]["entrypoint"])
-    assert f"{key}=7" in entrypoint
-    assert ray_groups(other["raycluster.yaml"][0]["spec"])[group]["replicas"] == 7
+    assert f"{key}={count}" in entrypoint
+    assert ray_groups(other["raycluster.yaml"][0]["spec"])[group]["replicas"] == count
+
+
+def test_the_elastic_rollout_pool_sets_the_groups_bounds_and_turns_the_autoscaler_on(cfg, manifests):
+    spec = manifests["raycluster.yaml"][0]["spec"]
+    rollout = ray_groups(spec)["rollout"]
+    assert (rollout["minReplicas"], rollout["replicas"], rollout["maxReplicas"]) == (1, 2, 4)
+    assert spec["enableInTreeAutoscaling"] is True and spec["autoscalerOptions"]["upscalingMode"] == "Default"
+    fixed = render(example_config(["rollout.min_workers=null", "rollout.max_workers=null"]))
+    spec = fixed["raycluster.yaml"][0]["spec"]
+    assert spec["enableInTreeAutoscaling"] is False and "autoscalerOptions" not in spec
+    assert {(g["minReplicas"], g["replicas"], g["maxReplicas"]) for g in spec["workerGroupSpecs"]} == {(2, 2, 2),
+                                                                                                      (4, 4, 4)}
+
+
+def test_a_start_outside_the_pools_bounds_is_refused(cfg):
+    with pytest.raises(DeployError, match=r"--rollout-workers 7 is outside rollout.min_workers=1 .. "
+                                          r"rollout.max_workers=4"):
+        render(cfg, rollout_workers=7)
 
 
 def test_custom_resources_exist_on_their_own_group_only(cfg, manifests):
