@@ -101,6 +101,26 @@ def check_overrides(overrides: list[str]) -> list[str]:
     return overrides
 
 
+def overlay_keys(path: str) -> set[str]:
+    """Dotted keys an overlay file sets (its `caps:` entries by the key they cap)."""
+    from omegaconf import OmegaConf
+
+    from sari_ray.config import to_flat_dict
+
+    return {k.removeprefix("caps.") for k in to_flat_dict(OmegaConf.load(path))}
+
+
+def check_overrides_keep_arms_apart(arms: list[Arm], overrides: list[str]) -> None:
+    """A key=value comes after the arms' overlays and wins over them: one that sets a key an arm's overlay sets
+    would erase that arm's difference (sft.steps=2 with a no_sft arm), so it is refused."""
+    keys = {o.partition("=")[0] for o in overrides}
+    for arm in arms:
+        for path in arm.overlays:
+            if clash := sorted(keys & overlay_keys(path)):
+                raise ValueError(f"override(s) {clash} would replace what --arm {arm.name}'s overlay {path} sets "
+                                 f"(key=value wins over overlays): put the value in the arms' overlays instead")
+
+
 def check_seeds(seeds: list[int]) -> list[int]:
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds {' '.join(map(str, seeds))}: a seed is repeated (each seed is one run per arm)")
@@ -160,6 +180,21 @@ def config_mismatch(cfg, path: Path) -> list[str]:
     return [f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now" for k in keys if saved.get(k) != now.get(k)]
 
 
+def check_arms_differ(runs: list[RunSpec], cfgs: list) -> None:
+    """Two arms whose runs would train the same config (an overlay that sets what the base already has) are refused."""
+    from sari_ray.config import to_flat_dict
+
+    seen: dict[str, str] = {}
+    for run, cfg in zip(runs, cfgs):
+        if run.seed != runs[0].seed:
+            continue
+        flat = to_flat_dict(cfg)
+        key = repr(sorted((k, repr(v)) for k, v in flat.items() if k not in SET_BY_ABLATE))
+        if key in seen:
+            raise ValueError(f"arms {seen[key]} and {run.arm} train the same config; check their overlays")
+        seen[key] = run.arm
+
+
 def load_runs(runs: list[RunSpec]) -> dict[str, dict[int, dict]]:
     """arm -> seed -> held_out.json of the finished runs, arms in order."""
     from sari_ray.held_out import HELD_OUT_FILE
@@ -181,6 +216,7 @@ def ablate_command(args) -> int:
 
     arms, seeds = parse_arms(args.arm), check_seeds(args.seeds)
     overrides = check_overrides(list(args.overrides))
+    check_overrides_keep_arms_apart(arms, overrides)
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"--threshold {threshold}: use a held-out accuracy in (0, 1], e.g. 0.8")
@@ -191,6 +227,7 @@ def ablate_command(args) -> int:
     uri = base.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(out)
     runs = plan_runs(args.config, arms, seeds, out, overrides, uri, None)
     cfgs = [load_config(list(r.configs), list(r.overrides)) for r in runs]  # every run's config checked first
+    check_arms_differ(runs, cfgs)
     for run, cfg in zip(runs, cfgs):
         if differ := config_mismatch(cfg, run.dir):
             raise ValueError(f"{run.dir} holds a run made with another config ({'; '.join(differ[:5])}); use "

@@ -199,6 +199,12 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     _fails_cleanly(capsys, ["ablate", DEMO, "--arm", "a=", "--out", out, "run.seed=4"], "run.seed=4")
     _fails_cleanly(capsys, ["ablate", DEMO, "--arm", "a=", "--out", out, "grpo.stepz=4"], "grpo.stepz")
     _fails_cleanly(capsys, ["ablate", "nope.yaml", "--arm", "a=", "--out", out], "config file not found: nope.yaml")
+    no_sft = str(REPO / "configs" / "ablations" / "no_sft.yaml")
+    _fails_cleanly(capsys, ["ablate", DEMO, "--arm", "a=", "--arm", f"b={no_sft}", "--out", out, "sft.steps=2"],
+                   "override(s) ['sft.steps'] would replace what --arm b's overlay", "no_sft.yaml")
+    curriculum = str(REPO / "configs" / "ablations" / "curriculum.yaml")  # the demo's mode already
+    _fails_cleanly(capsys, ["ablate", DEMO, "--arm", "a=", "--arm", f"b={curriculum}", "--out", out],
+                   "arms a and b train the same config")
     assert not Path(out).exists()  # checked before anything is written
     with pytest.raises(SystemExit):
         main(["ablate", DEMO, "--out", out])  # --arm is required: argparse's usage error
