@@ -244,6 +244,9 @@ def ablate_command(args) -> int:
         print(f"error: {err}\nablation stopped; rerun the same command to continue (finished runs are skipped)",
               file=sys.stderr)
         return 130
+    except KeyboardInterrupt:  # a second Ctrl-C, before the run could checkpoint
+        parent.finish("KILLED")
+        raise
     except BaseException:
         parent.finish("FAILED")
         raise

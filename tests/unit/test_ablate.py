@@ -298,6 +298,30 @@ def test_a_failed_run_is_reported_and_the_others_run(tmp_path, fake_training, ca
     assert "## Failed runs" in (out / "ablation.md").read_text()
 
 
+def test_a_stop_ends_the_ablation_and_a_rerun_continues(tmp_path, fake_training, capsys, monkeypatch):
+    import sari_ray.train
+    from sari_ray.stopping import Interrupted
+
+    calls, parent, _ = fake_training
+    finish_run = sari_ray.train.run_training
+
+    def stopped_at_the_second(configs, overrides):
+        if len(calls) == 1:
+            calls.append({"run.name": "stopped"})
+            raise Interrupted("stopped after step 1 (checkpointed); resume with run.resume=true")
+        finish_run(configs, overrides)
+
+    monkeypatch.setattr(sari_ray.train, "run_training", stopped_at_the_second)
+    out = tmp_path / "abl"
+    argv = ["ablate", DEMO, "--arm", "base=", "--seeds", "0", "1", "2", "--out", str(out)]
+    assert main(argv) == 130
+    assert parent.status == "KILLED" and "rerun the same command to continue" in capsys.readouterr().err
+    assert [c["run.name"] for c in calls] == ["base-seed0", "stopped"] and not (out / "ablation.json").exists()
+    monkeypatch.setattr(sari_ray.train, "run_training", finish_run)
+    assert main(argv) == 0
+    assert [c["run.name"] for c in calls][2:] == ["base-seed1", "base-seed2"]
+
+
 def test_a_run_directory_from_another_config_is_refused(tmp_path, fake_training, capsys):
     calls, _, _ = fake_training
     out = tmp_path / "abl"
