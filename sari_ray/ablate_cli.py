@@ -43,7 +43,9 @@ class RunSpec:
 def register_cli(subparsers) -> None:
     p = subparsers.add_parser(
         "ablate", help="train every arm (config overlays) with every seed and compare them with 95%% CIs",
-        description=__doc__.splitlines()[0])
+        description="Train every arm (CONFIG plus the arm's overlays) with every seed, one run after another, and "
+                    "compare the arms with 95%% intervals: DIR/ablation.json, ablation.md, ablation.png. A rerun "
+                    "skips finished runs and resumes a stopped one.")
     p.add_argument("config", metavar="CONFIG.yaml", help="the base config every arm starts from")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides for every run (after the arm's overlays), e.g. grpo.steps=30 eval.every=5; "
@@ -285,7 +287,8 @@ def train_all(runs: list[RunSpec]) -> list[dict[str, Any]]:
             raise
         except Exception as err:  # noqa: BLE001 - one run's failure is reported, the others still run
             print(f"{label}: FAILED after {time.monotonic() - t0:.0f} s: {type(err).__name__}: {err}", file=sys.stderr)
-            failed.append({"arm": run.arm, "seed": run.seed, "dir": str(run.dir), "error": f"{type(err).__name__}: {err}"})
+            failed.append({"arm": run.arm, "seed": run.seed, "dir": str(run.dir),
+                           "error": f"{type(err).__name__}: {err}"})
             continue
         print(f"{label}: done in {time.monotonic() - t0:.0f} s", flush=True)
     return failed
