@@ -44,7 +44,7 @@ def register_cli(subparsers) -> None:
     p = subparsers.add_parser(
         "ablate", help="train every arm (config overlays) with every seed and compare them with 95%% CIs",
         description="Train every arm (CONFIG plus the arm's overlays) with every seed, one run after another, and "
-                    "compare the arms with 95%% intervals: DIR/ablation.json, ablation.md, ablation.png. A rerun "
+                    "compare the arms with 95% intervals: DIR/ablation.json, ablation.md, ablation.png. A rerun "
                     "skips finished runs and resumes a stopped one.")
     p.add_argument("config", metavar="CONFIG.yaml", help="the base config every arm starts from")
     p.add_argument("overrides", nargs="*", metavar="key=value",
