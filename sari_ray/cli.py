@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "sari_ray.data.cli",  # data synth | validate | difficulty
     "sari_ray.mmau",  # score
     "sari_ray.train_cli",  # train, demo
+    "sari_ray.ablate_cli",  # ablate (arms x seeds of train, compared with CIs)
     "sari_ray.eval_sweep",  # eval (one checkpoint via sari_ray.evaluate, or --run sweeps)
     "sari_ray.deploy.kuberay",  # deploy kuberay
     "sari_ray.benchmarks",  # bench learner-step
@@ -45,7 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run a command. User errors print `error: <message>` on stderr and return 2 (traceback: --debug)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    args = build_parser().parse_args([a for a in argv if a != "--debug"])  # `sari-ray train x.yaml --debug` too
+    parser = build_parser()
+    args, extra = parser.parse_known_args([a for a in argv if a != "--debug"])  # `sari-ray train x.yaml --debug` too
+    if extra:  # argparse takes positionals in one stretch: `ablate CONFIG --out DIR k=v` leaves `k=v` over
+        if not getattr(args, "trailing_overrides", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]  # the command checks each is key=value
     previous = os.environ.get(DEBUG_ENV)
     if debug:
         os.environ[DEBUG_ENV] = "1"  # commands that catch user errors themselves (train) read it too

@@ -195,6 +195,8 @@ class TrackingConfig:
     completions_table_every: int = 10  # sample completions logged as an MLflow table
     max_outage_s: float = 120.0  # MLflow unreachable longer than this: queued entries go to <run dir>/mlflow_pending.jsonl
     request_timeout_s: float = 10.0  # one MLflow HTTP request; an unreachable server costs a step at most this once
+    parent_run_id: str | None = None  # an MLflow run id this run is nested under (tag mlflow.parentRunId, same
+    # tracking_uri); `sari-ray ablate` sets it to the ablation's run
 
 
 @dataclass
@@ -334,6 +336,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
                               "use seconds >= 0 (how long queued MLflow entries stay in memory only; default 120)"),
     "tracking.request_timeout_s": (lambda v: _finite(v) and v >= 1,
                                    "use seconds >= 1 (one MLflow HTTP request; default 10)"),
+    "tracking.parent_run_id": (_nonempty, "set an MLflow run id of the same tracking store, or null"),
 }
 RAY_RESERVED_RESOURCES = ("CPU", "GPU")  # Ray rejects these in `resources` (they are num_cpus / num_gpus)
 

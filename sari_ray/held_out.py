@@ -2,8 +2,12 @@
 workers' greedy answers; `sari-ray eval` (sari_ray.evaluate) is the standalone evaluation of a checkpoint."""
 from __future__ import annotations
 
+from typing import Any
+
 from sari_ray import metrics as metrics_lib
 from sari_ray.batching import split_evenly
+
+HELD_OUT_FILE = "held_out.json"  # a finished run's held-out curve and final verdicts (read by `sari-ray ablate`)
 
 
 def evaluate_held_out(rollout, samples: list, style: str, max_tokens: int,
@@ -22,3 +26,13 @@ def evaluate_held_out(rollout, samples: list, style: str, max_tokens: int,
     if "eval_silent" in items:
         out["eval/audio_gain"] = out["eval/accuracy"] - out["eval_silent/accuracy"]
     return out, items
+
+
+def held_out_record(history: list[dict], step: int, final: dict[str, float], final_items: dict[str, dict[str, bool]],
+                    tier_of: dict[str, int]) -> dict[str, Any]:
+    """held_out.json: the held-out metrics at every evaluated step (0: after SFT, every `eval.every` steps, the end
+    at `step`), the final ones, and the final verdicts per item with real audio and each item's tier (what
+    `sari-ray ablate` pairs arms on)."""
+    curve = [h for h in history if h["step"] != step] + [{"step": step, **final}]
+    return {"curve": sorted(curve, key=lambda h: h["step"]), "final": final, "items": final_items["eval"],
+            "tiers": {i: tier_of[i] for i in final_items["eval"]}}

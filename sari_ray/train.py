@@ -22,7 +22,7 @@ from sari_ray.config import load_config, step_timeout_s
 from sari_ray.console import make_console, print_summary, progress_bar, progress_line
 from sari_ray.data.prepare import prepare_data
 from sari_ray.engines.tracking import start_run_tracking
-from sari_ray.held_out import evaluate_held_out
+from sari_ray.held_out import HELD_OUT_FILE, evaluate_held_out, held_out_record
 from sari_ray.models.tiny import prepare_model
 from sari_ray.records import check_staleness, is_truncated, rollout_rows, training_records
 from sari_ray.rollout_pipeline import RolloutPipeline
@@ -223,7 +223,9 @@ class Trainer:
                                f"(accuracies {event['accuracies']})")
             self.tracker.log_dict(self.state["promotions"], "curriculum_history.json")
         if cfg.eval.every and step % cfg.eval.every == 0:
-            m.update(self.evaluate()[0])
+            held_out = self.evaluate()[0]
+            m.update(held_out)
+            self.state["history"].append({"step": step, **held_out})  # the held-out curve (held_out.json)
         self.tracker.log_metrics(m, step)
         with open(self.out / "batches.jsonl", "a") as f:
             f.write(json.dumps({"step": step, "ids": batch_ids}) + "\n")
@@ -268,7 +270,10 @@ class Trainer:
         final, final_items = self.evaluate()
         self.tracker.log_metrics(final, s["step"])
         self.tracker.log_dict(s.get("promotions", []), "curriculum_history.json")
-        summary = {**metrics_lib.run_summary(s, seconds, final, final_items, {x.id: x.tier or 0 for x in self.eval_set}),
+        tier_of = {x.id: x.tier or 0 for x in self.eval_set}
+        (self.out / HELD_OUT_FILE).write_text(json.dumps(held_out_record(s["history"], s["step"], final, final_items,
+                                                                         tier_of)))
+        summary = {**metrics_lib.run_summary(s, seconds, final, final_items, tier_of),
                    "mlflow_run_id": self.tracker.run_id, "tracking_uri": self.tracker.tracking_uri,
                    "output_dir": str(self.out)}
         summary["report"] = str(write_report(self.out / "report.png", s["curve"], summary["promotions"],

@@ -65,7 +65,8 @@ class Tracker:
     """
 
     def __init__(self, tracking_uri: str | None, experiment: str, output_dir: str | Path,
-                 run_name: str, run_id: str | None = None, *, max_outage_s: float = 120.0,
+                 run_name: str, run_id: str | None = None, *, parent_run_id: str | None = None,
+                 max_outage_s: float = 120.0,
                  request_timeout_s: float = 10.0, connect_retry_s: float = 15.0, client: Any = None,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
                  stderr=None):
@@ -86,7 +87,8 @@ class Tracker:
 
             client = MlflowClient(self.tracking_uri)
         self.client = client
-        self.run_id = self._with_retries(lambda: self._open_run(experiment, run_name, run_id), connect_retry_s,
+        self.run_id = self._with_retries(lambda: self._open_run(experiment, run_name, run_id, parent_run_id),
+                                         connect_retry_s,
                                          f"open the MLflow run at {self.tracking_uri}")
         self._load_pending()
 
@@ -226,7 +228,7 @@ class Tracker:
         self._drain()
 
     # ------------------------------------------------------------------ MLflow calls
-    def _open_run(self, experiment: str, run_name: str, run_id: str | None) -> str:
+    def _open_run(self, experiment: str, run_name: str, run_id: str | None, parent_run_id: str | None) -> str:
         artifact_root = None
         if self.tracking_uri.startswith("sqlite:"):
             artifact_root = (self.output_dir.resolve() / "mlartifacts").as_uri()
@@ -234,6 +236,9 @@ class Tracker:
         experiment_id = found.experiment_id if found else self.client.create_experiment(
             experiment, artifact_location=artifact_root)
         if run_id is None:
+            if parent_run_id:  # nested under it in the MLflow UI (sari-ray ablate's parent run)
+                return self.client.create_run(experiment_id, run_name=run_name,
+                                              tags={"mlflow.parentRunId": parent_run_id}).info.run_id
             return self.client.create_run(experiment_id, run_name=run_name).info.run_id
         self.client.update_run(run_id, status="RUNNING")
         return run_id
@@ -344,7 +349,7 @@ def start_run_tracking(cfg, output_dir: Path, run_id: str | None) -> Tracker:
     from sari_ray.config import to_flat_dict
 
     t = cfg.tracking
-    tracker = Tracker(t.tracking_uri, t.experiment, output_dir, cfg.run.name, run_id,
+    tracker = Tracker(t.tracking_uri, t.experiment, output_dir, cfg.run.name, run_id, parent_run_id=t.parent_run_id,
                       max_outage_s=t.max_outage_s, request_timeout_s=t.request_timeout_s)
     tracker.log_params(to_flat_dict(cfg))
     tracker.log_text(OmegaConf.to_yaml(cfg), "config.yaml")
