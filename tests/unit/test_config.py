@@ -142,6 +142,7 @@ RULE_CASES = {
     "curriculum.max_steps_at_tier": ["curriculum.max_steps_at_tier=0", "curriculum.min_steps_at_tier=0"],
     "curriculum.replay_fraction": ["curriculum.replay_fraction=1.0"],
     "tracking.experiment": ["tracking.experiment=' '"],
+    "tracking.parent_run_id": ["tracking.parent_run_id=' '"],
     "tracking.max_outage_s": ["tracking.max_outage_s=-1"],
     "tracking.request_timeout_s": ["tracking.request_timeout_s=0.5"],
     # Ray resources
