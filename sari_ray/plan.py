@@ -157,6 +157,20 @@ def load_shape(model_path: str, arch: str = "auto") -> ModelShape:
     return replace(SHIPPED[arch], source=f"shipped {arch} 7B shapes ({model_path} is not on disk)")
 
 
+def model_shape(cfg, model_path: str | None = None) -> ModelShape:
+    """The shapes of `model_path` (default model.path); a tiny model the run will build (model.build_tiny_if_missing)
+    has the tiny shapes (sari_ray/models/tiny.py)."""
+    path = model_path or cfg.model.path
+    if cfg.model.build_tiny_if_missing and not (Path(path) / "config.json").is_file():
+        from sari_ray.models import tiny
+
+        return ModelShape(arch="qwen2-audio", hidden=tiny.HIDDEN, layers=tiny.LAYERS, intermediate=tiny.FFN,
+                          vocab=753, heads=tiny.HEADS, kv_heads=tiny.KV_HEADS, audio_d=tiny.HIDDEN,
+                          audio_layers=tiny.LAYERS, audio_ffn=tiny.FFN,
+                          source="the tiny model the run builds (vocab 753 assumed)")
+    return load_shape(path, cfg.model.arch)
+
+
 def checkpoint_params(model_path: str) -> dict[str, int]:
     """Exact parameter counts by part from the safetensors headers (no tensor is read), {} without them."""
     counts: dict[str, int] = {}
@@ -263,6 +277,8 @@ class Plan:
 
 
 def gib(n: float) -> str:
+    if abs(n) < GIB / 10:
+        return f"{n / 2**20:.1f} MiB"
     return f"{n / GIB:.2f} GiB" if abs(n) < 10 * GIB else f"{n / GIB:.1f} GiB"
 
 
@@ -278,8 +294,10 @@ def sequence_lengths(cfg) -> tuple[int, int]:
 
 
 def build_plan(cfg, shape: ModelShape, capacity: Capacity, *, params: dict[str, int] | None = None,
-               bandwidth_gbs: float | None = None) -> Plan:
-    """Every figure and check for config `cfg` on `capacity` (`params`: exact counts, else from `shape`)."""
+               bandwidth_gbs: float | None = None, host_errors: bool = True) -> Plan:
+    """Every figure and check for config `cfg` on `capacity` (`params`: exact counts, else from `shape`).
+    host_errors=False: host memory that does not fit only warns (Ray's `memory` resource, what the driver
+    sees, is what was free when a node started, not a limit)."""
     r, lrn, g = cfg.rollout, cfg.learner, cfg.grpo
     device = "cpu" if cfg.run.device == "cpu" or (lrn.num_gpus_per_worker == 0 and r.num_gpus_per_worker == 0) \
         else "cuda"
@@ -394,6 +412,10 @@ def build_plan(cfg, shape: ModelShape, capacity: Capacity, *, params: dict[str, 
                              + (" + Ray and the driver)" if capacity.shared else ")"), host_need,
                              capacity.learner.host_bytes,
                              "lower learner.micro_batch_size, learner.num_workers or rollout.kv_cache_memory_gb"))
+    if not host_errors:
+        for c in checks:
+            if "host memory" in c.what and c.level == "error":
+                c.level = "warn"
     notes = []
     if lrn.sync_backend == "collective" and r.max_staleness > 0:
         notes.append("collective sync with rollout.max_staleness > 0: each broadcast waits for the engines' "
@@ -413,6 +435,18 @@ def build_plan(cfg, shape: ModelShape, capacity: Capacity, *, params: dict[str, 
 
 
 # ------------------------------------------------------------------------------------- what the run gets
+def check_capacity(cfg, model_path: str, nodes: list[dict[str, Any]], say=print) -> Plan:
+    """The driver's preflight against the attached cluster (`ray.nodes()`), before any actor starts: a config
+    that cannot fit raises PlanError (`error:` on the CLI), a tight one warns; otherwise one summary line."""
+    p = build_plan(cfg, model_shape(cfg, model_path), cluster_capacity(cfg, nodes),
+                   params=checkpoint_params(model_path), host_errors=False)
+    for c in p.by_level("warn"):
+        say(f"warning: {c.line()}")
+    p.refuse_if_it_cannot_fit()
+    say(p.summary_line())
+    return p
+
+
 def kuberay_capacity(cfg, shapes, gpu_gib: float = DEFAULT_GPU_GIB) -> Capacity:
     """The pods `sari-ray deploy kuberay` renders for `cfg` with `shapes` (already sized: `size_shapes`)."""
     def node(shape) -> Node:

@@ -60,22 +60,8 @@ def make_plan(cfg, *, layout: str = "auto", shape_args=(), gpu_gib: float = plan
         import psutil
 
         capacity = plan_lib.machine_capacity(psutil.virtual_memory().total, gpu_gib=gpu_gib)
-    return plan_lib.build_plan(cfg, model_shape(cfg), capacity, params=plan_lib.checkpoint_params(cfg.model.path),
+    return plan_lib.build_plan(cfg, plan_lib.model_shape(cfg), capacity, params=plan_lib.checkpoint_params(cfg.model.path),
                                bandwidth_gbs=bandwidth_gbs)
-
-
-def model_shape(cfg) -> plan_lib.ModelShape:
-    """The checkpoint's shapes; a tiny model the run will build (model.build_tiny_if_missing) has its own."""
-    from pathlib import Path
-
-    if cfg.model.build_tiny_if_missing and not (Path(cfg.model.path) / "config.json").is_file():
-        from sari_ray.models import tiny
-
-        return plan_lib.ModelShape(
-            arch="qwen2-audio", hidden=tiny.HIDDEN, layers=tiny.LAYERS, intermediate=tiny.FFN, vocab=753,
-            heads=tiny.HEADS, kv_heads=tiny.KV_HEADS, audio_d=tiny.HIDDEN, audio_layers=tiny.LAYERS,
-            audio_ffn=tiny.FFN, source="the tiny model the run builds (vocab 753 assumed)")
-    return plan_lib.load_shape(cfg.model.path, cfg.model.arch)
 
 
 def print_plan(plan: plan_lib.Plan) -> None:

@@ -97,6 +97,14 @@ def wait_for_resources(cfg, poll_s: float = 2.0, deadline: float | None = None, 
             f"see `sari-ray deploy kuberay`), or change rollout.resources / learner.resources and the worker counts.")
 
 
+def check_plan(cfg, model_path: str, say=print):
+    """`sari-ray plan` against the nodes of the cluster attached to (sari_ray/plan.py `check_capacity`): raises
+    PlanError before any actor starts when the config cannot fit, warns when it is tight, else says one line."""
+    from sari_ray.plan import check_capacity
+
+    return check_capacity(cfg, model_path, ray.nodes(), say=say)
+
+
 def _lacking(missing: dict[str, tuple[float, float]]) -> str:
     return ", ".join(f"{k}: needs {n:g}, offers {o:g}" for k, (n, o) in sorted(missing.items()))
 

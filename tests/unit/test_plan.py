@@ -160,9 +160,7 @@ def test_engine_budget_below_its_weights_is_an_error():
 
 def test_demo_fits_this_kind_of_machine():
     cfg = load_config(DEMO)
-    from sari_ray.plan_cli import model_shape
-
-    p = plan.build_plan(cfg, model_shape(cfg), plan.machine_capacity(24 * GIB))
+    p = plan.build_plan(cfg, plan.model_shape(cfg), plan.machine_capacity(24 * GIB))
     assert not p.by_level("error") and not p.by_level("warn")
     host = [c for c in p.checks if c.what.startswith("host memory")][0]
     assert 4 * GIB < host.need < 6 * GIB  # measured peak PSS of the demo's tree: 4.74 GiB (docs/benchmarks.md)
@@ -205,3 +203,26 @@ def test_deploy_sizes_the_learner_object_store_from_the_plan():
     need = plan.build_plan(cfg, plan.load_shape(cfg.model.path), kuberay(cfg)).sync["object_store_bytes"]
     assert need < store <= 1.25 * need + GIB
     assert int(groups["rollout"]["rayStartParams"]["object-store-memory"]) == 2 * GIB  # buckets in transit only
+
+
+def test_driver_check_passes_the_demo_with_one_line_and_refuses_the_flagship_on_8_gib(tiny_qwen2_audio):
+    local = [{"Alive": True, "Resources": {"CPU": 4, "rollout_slot": 1, "learner_slot": 2, "memory": 12 * GIB,
+                                           "object_store_memory": 4 * GIB}}]
+    said = []
+    plan.check_capacity(load_config(DEMO), str(tiny_qwen2_audio), local, say=said.append)
+    assert len(said) == 1 and said[0].startswith("plan: learner") and "tightest" in said[0]
+    pods = [{"Alive": True, "Resources": {"learner_slot": 1, "memory": 90 * GIB, "object_store_memory": 8 * GIB}},
+            {"Alive": True, "Resources": {"rollout_slot": 1, "memory": 40 * GIB, "object_store_memory": 8 * GIB}}]
+    cfg = load_config(FLAGSHIP)
+    with pytest.raises(plan.PlanError, match="learner.sync_backend=collective"):
+        plan.check_capacity(cfg, cfg.model.path, pods, say=said.append)
+
+
+def test_driver_check_only_warns_on_host_memory():
+    """Ray's `memory` resource is what was free when the node started: the driver warns, it does not refuse."""
+    cramped = [{"Alive": True, "Resources": {"CPU": 4, "rollout_slot": 1, "learner_slot": 2, "memory": 1 * GIB,
+                                             "object_store_memory": 1 * GIB}}]
+    said = []
+    cfg = load_config(DEMO)
+    plan.check_capacity(cfg, cfg.model.path, cramped, say=said.append)
+    assert said[0].startswith("warning: host memory") and said[-1].startswith("plan: ")
