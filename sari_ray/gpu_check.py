@@ -157,7 +157,8 @@ def run_checks(packages=PACKAGES, budget_s: float = BUDGET_S) -> list[dict[str, 
         try:
             results.append(fn())
         except Exception as err:  # noqa: BLE001 - report and go on
-            results.append(step(name, "failed", f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"))
+            first = str(err).splitlines()[0] if str(err) else ""
+            results.append(step(name, "failed", f"{type(err).__name__}: {first}"))
     results.append(step("tiny flagship on CUDA (vLLM, DeepSpeed NCCL, ZeRO-3)", "skipped",
                         "not written yet" if cuda else "no CUDA device"))
     return results

@@ -60,7 +60,8 @@ def make_plan(cfg, *, layout: str = "auto", shape_args=(), gpu_gib: float = plan
         import psutil
 
         capacity = plan_lib.machine_capacity(psutil.virtual_memory().total, gpu_gib=gpu_gib)
-    return plan_lib.build_plan(cfg, plan_lib.model_shape(cfg), capacity, params=plan_lib.checkpoint_params(cfg.model.path),
+    return plan_lib.build_plan(cfg, plan_lib.model_shape(cfg), capacity,
+                               params=plan_lib.checkpoint_params(cfg.model.path),
                                bandwidth_gbs=bandwidth_gbs)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sari_ray import plan
+from sari_ray import model_shapes, plan
 from sari_ray.config import load_config
 
 pytestmark = pytest.mark.unit
@@ -60,9 +60,9 @@ def test_shipped_qwen2_audio_7b_parameters_by_hand():
 
 
 def test_omni_thinker_shapes_and_kv():
-    params = plan.OMNI_7B.params()
+    params = model_shapes.OMNI_7B.params()
     assert 7.0e9 < params["text"] < 7.7e9 and 0.6e9 < params["vision"] < 0.7e9
-    assert plan.OMNI_7B.kv_bytes_per_token(2) == 2 * 28 * 4 * 128 * 2  # GQA: 4 KV heads
+    assert model_shapes.OMNI_7B.kv_bytes_per_token(2) == 2 * 28 * 4 * 128 * 2  # GQA: 4 KV heads
 
 
 def test_config_json_formula_matches_the_checkpoint_exactly(tiny_qwen2_audio, tiny_qwen2_5_omni):
@@ -129,7 +129,8 @@ def test_flagships_fit_their_rendered_pods(config):
 def test_tight_object_store_warns():
     cfg = load_config(FLAGSHIP)
     need = plan.build_plan(cfg, plan.load_shape(cfg.model.path), kuberay(cfg)).sync["object_store_bytes"]
-    p = plan.build_plan(cfg, plan.load_shape(cfg.model.path), kuberay(cfg, f"learner.object_store_gib={int(need / GIB) + 1}"))
+    snug = kuberay(cfg, f"learner.object_store_gib={int(need / GIB) + 1}")
+    p = plan.build_plan(cfg, plan.load_shape(cfg.model.path), snug)
     assert [c.level for c in p.checks if c.what.startswith("object store")] == ["warn"]
     p.refuse_if_it_cannot_fit()  # a warning does not refuse
 
