@@ -223,9 +223,10 @@ def build_plan(cfg, shape: ModelShape, capacity: Capacity, *, params: dict[str, 
     bw = (bandwidth_gbs or BANDWIDTH_GBS[backend]) * GB
     # the object store: every engine pulls the whole model from rank 0's node; a broadcast sends it once
     seconds = sync_bytes * (r.num_workers if lrn.sync_backend == "object_store" else 1) / bw
+    # kept: the newest `versions` syncs; the first one (a frozen encoder included) may be among them
+    kept = engine_params * b + (versions - 1) * sync_bytes
     sync = {"backend": lrn.sync_backend, "bytes": sync_bytes, "first_sync_bytes": engine_params * b,
-            "versions_kept": versions, "object_store_bytes": sync_bytes * versions if lrn.sync_backend ==
-            "object_store" else engine_params * b, "bandwidth_gbs": bw / GB, "seconds": seconds}
+            "versions_kept": versions, "object_store_bytes": kept, "bandwidth_gbs": bw / GB, "seconds": seconds}
 
     # ---- host memory per node
     if device == "cuda":
@@ -260,9 +261,10 @@ def build_plan(cfg, shape: ModelShape, capacity: Capacity, *, params: dict[str, 
                              sum(learner.values()), capacity.gpu_bytes, fix_l))
         checks.append(_check(f"vLLM GPU budget (rollout.gpu_memory_utilization={r.gpu_memory_utilization:g} x "
                              f"{gib(capacity.gpu_bytes)})",
-                             sum(v for k, v in rollout.items() if k != "kv_cache") + kv_token * r.max_model_len,
-                             r.gpu_memory_utilization * capacity.gpu_bytes if not r.kv_cache_memory_gb
-                             else capacity.gpu_bytes - r.kv_cache_memory_gb * GIB,
+                             sum(v for k, v in rollout.items() if k != "kv_cache")
+                             + max(kv_token * r.max_model_len, r.kv_cache_memory_gb * GIB if r.kv_cache_memory_gb
+                                   else 0), (r.gpu_memory_utilization if not r.kv_cache_memory_gb else 1)
+                             * capacity.gpu_bytes,
                              "raise rollout.gpu_memory_utilization or rollout.tensor_parallel_size, or lower "
                              "rollout.max_model_len (the KV cache must hold one sequence of it)"))
         if rollout["kv_cache"] < kv_want_tokens * kv_token:

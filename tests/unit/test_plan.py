@@ -227,3 +227,21 @@ def test_driver_check_only_warns_on_host_memory():
     cfg = load_config(DEMO)
     plan.check_capacity(cfg, cfg.model.path, cramped, say=said.append)
     assert said[0].startswith("warning: host memory") and said[-1].startswith("plan: ")
+
+
+def test_frozen_encoder_ships_once_and_the_first_version_may_still_be_kept():
+    cfg = load_config(FLAGSHIP, ["learner.train_audio_encoder=false"])
+    p = plan.build_plan(cfg, plan.load_shape(cfg.model.path), kuberay(cfg))
+    params = plan.ModelShape().params()
+    engine = sum(params.values())
+    assert p.sync["first_sync_bytes"] == 2 * engine and p.sync["bytes"] == 2 * (engine - params["audio"])
+    assert p.sync["object_store_bytes"] == 2 * engine + 2 * (engine - params["audio"])  # first + one newer
+    assert p.model["trainable_params"] == engine - params["audio"]  # no gradients or AdamW state for it
+    assert p.learner["activations_encoder"] == 0
+
+
+def test_kv_cache_set_outright_must_fit_beside_the_weights():
+    cfg = load_config(FLAGSHIP, ["rollout.kv_cache_memory_gb=70"])
+    p = plan.build_plan(cfg, plan.load_shape(cfg.model.path), kuberay(cfg))
+    [budget] = [c for c in p.checks if c.what.startswith("vLLM GPU budget")]
+    assert budget.level == "error" and budget.need > 70 * GIB + 15 * GIB and budget.have == 80 * GIB
