@@ -318,6 +318,8 @@ def check_capacity(cfg, model_path: str, nodes: list[dict[str, Any]], say=print)
         say(f"warning: {c.line()}")
     p.refuse_if_it_cannot_fit()
     say(p.summary_line())
+    for note in p.notes:  # e.g. a collective sync that serialises with generation
+        say(f"note: {note}")
     return p
 
 

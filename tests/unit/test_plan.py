@@ -245,3 +245,12 @@ def test_kv_cache_set_outright_must_fit_beside_the_weights():
     p = plan.build_plan(cfg, plan.load_shape(cfg.model.path), kuberay(cfg))
     [budget] = [c for c in p.checks if c.what.startswith("vLLM GPU budget")]
     assert budget.level == "error" and budget.need > 70 * GIB + 15 * GIB and budget.have == 80 * GIB
+
+
+def test_the_run_says_a_collective_sync_serialises_with_asynchronous_generation():
+    pods = [{"Alive": True, "Resources": {"learner_slot": 1, "memory": 90 * GIB, "object_store_memory": 40 * GIB}},
+            {"Alive": True, "Resources": {"rollout_slot": 1, "memory": 40 * GIB, "object_store_memory": 8 * GIB}}]
+    cfg = load_config(FLAGSHIP, ["learner.sync_backend=collective"])
+    said = []
+    plan.check_capacity(cfg, cfg.model.path, pods, say=said.append)
+    assert said[0].startswith("plan: ") and said[1].startswith("note: collective sync") and "serialises" in said[1]
