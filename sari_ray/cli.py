@@ -20,6 +20,8 @@ COMMAND_MODULES = (
     "sari_ray.eval_sweep",  # eval (one checkpoint via sari_ray.evaluate, or --run sweeps)
     "sari_ray.deploy.kuberay",  # deploy kuberay
     "sari_ray.benchmarks",  # bench learner-step
+    "sari_ray.plan_cli",  # plan (preflight: memory, object store, sync, tokens)
+    "sari_ray.gpu_check",  # check gpu
 )
 
 

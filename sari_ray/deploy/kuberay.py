@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import yaml
 
 from sari_ray.deploy import k8s, mlflow_server
+from sari_ray.plan import size_shapes
 from sari_ray.deploy.ray_groups import (DASHBOARD_PORT, DATA_CLAIM, DATA_PATH, TOKEN_KEY, TOKEN_SECRET,
                                         DeployError, GroupShape, HeadShape, Shapes, check_groups_apart,
                                         head_group, plan_group, worker_group)
@@ -198,7 +199,7 @@ def render_manifests(cfg: Any, *, configs: Sequence[str], overrides: Sequence[st
     rollout_workers = cfg.rollout.num_workers if rollout_workers is None else rollout_workers
     learners = cfg.learner.num_workers if learners is None else learners
     image = image or default_image(cfg)
-    shapes, storage = shapes or Shapes(), storage or Storage()
+    shapes, storage = size_shapes(cfg, shapes or Shapes()), storage or Storage()  # unset sizes: from the plan
     name = name or cluster_name(cfg.run.name)
     if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) or len(name) > MAX_NAME:
         raise DeployError(f"--name {name!r} must be a DNS-1035 label of at most {MAX_NAME} characters")

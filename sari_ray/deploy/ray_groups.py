@@ -7,8 +7,8 @@ advertise the custom resources of the actors they are cut for and no others, so 
 land on a rollout pod and a learner only on a learner pod, and the group's replicas are the actor count
 divided by actors per pod. The head advertises no CPUs, so no actor lands there (the driver runs there).
 
-What the config does not say (how many actors share a pod, host memory, object store size, node pools)
-is a `GroupShape`, with defaults for 7B models on GPU nodes.
+What the config does not say (how many actors share a pod, node pools) is a `GroupShape`; host memory and
+the object store are sized from `sari-ray plan` (sari_ray/plan.py) unless a shape sets them.
 """
 from __future__ import annotations
 
@@ -38,8 +38,9 @@ class GroupShape:
     """How a worker group's pods are cut."""
 
     actors_per_pod: int = 1  # e.g. 8 learners on one 8-GPU node
-    memory_gib_per_actor: int = 48  # host RAM per actor (model loading, vLLM's CPU buffers)
-    object_store_gib: int = 8  # Ray object store per pod, in /dev/shm
+    memory_gib_per_actor: int | None = None  # host RAM per actor; None: from `sari-ray plan` (plan.size_shapes)
+    object_store_gib: int | None = None  # Ray object store per pod, in /dev/shm; None: from the plan (the sync's
+    # bytes x the versions the driver keeps, on the learner pods)
     cpu_headroom: int = 2  # cores beyond the actors' own: raylet, engine helper processes, 0-CPU actors
     max_replicas: int | None = None  # None: = replicas (the driver starts exactly num_workers actors)
     node_selector: dict[str, str] = field(default_factory=dict)
@@ -56,10 +57,8 @@ class HeadShape:
 @dataclass(frozen=True)
 class Shapes:
     head: HeadShape = field(default_factory=HeadShape)
-    rollout: GroupShape = field(default_factory=lambda: GroupShape(
-        memory_gib_per_actor=48, node_selector={POOL_LABEL: "rollout"}))
-    learner: GroupShape = field(default_factory=lambda: GroupShape(
-        memory_gib_per_actor=96, node_selector={POOL_LABEL: "learner"}))
+    rollout: GroupShape = field(default_factory=lambda: GroupShape(node_selector={POOL_LABEL: "rollout"}))
+    learner: GroupShape = field(default_factory=lambda: GroupShape(node_selector={POOL_LABEL: "learner"}))
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,37 @@ def _frozen_encoder_filter():
             logger.removeFilter(log_filter)
 
 
+FILLED_FRAMES_LOG = logging.getLogger("sari_ray.filled_frames")
+_patch_off_said: set[str] = set()
+
+
+def filled_frames_patch_problem(process) -> str | None:
+    """Why the filled-frames patch cannot wrap `process`, vLLM's bound `Qwen2AudioForConditionalGeneration.
+    _process_audio_input` (checked against vLLM 0.32 / 0.33: one argument, the audio input), or None. A renamed
+    method or one that takes other required arguments would otherwise be skipped silently or fail every request."""
+    import inspect
+
+    if process is None or not callable(process):
+        return "this vLLM's Qwen2-Audio model has no _process_audio_input (renamed?)"
+    try:
+        params = list(inspect.signature(process).parameters.values())
+    except (TypeError, ValueError):
+        return "the signature of this vLLM's _process_audio_input cannot be read"
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if not positional or positional[0].name != "audio_input" or len(required) != 1:
+        return (f"this vLLM's _process_audio_input{inspect.signature(process)} is not (audio_input) as in vLLM "
+                f"0.32 / 0.33")
+    return None
+
+
+def _log_patch_off_once(problem: str) -> None:
+    if problem not in _patch_off_said:
+        _patch_off_said.add(problem)
+        FILLED_FRAMES_LOG.warning("the filled-frames audio encoder patch is off: %s; the encoder runs on the "
+                                  "full 30 s window (slower on short clips, same results)", problem)
+
+
 class WeightSyncExtension:
     """Worker-side half of `VLLMEngine.load_weights` / `receive_weights` / `param_sums` (mixed into the worker).
 
@@ -205,8 +236,9 @@ class WeightSyncExtension:
 
     def sari_encode_filled_frames_only(self) -> bool:
         """Qwen2-Audio: run the audio encoder on the frames a batch's clips fill, not the whole 30 s window
-        (`policy.encode_filled_frames_only`, the learner does the same). False where the model is another
-        arch or this vLLM lays out its audio input differently (then the full window runs, as before)."""
+        (`policy.encode_filled_frames_only`, the learner does the same). False where the model is another arch,
+        or this vLLM's `_process_audio_input` is missing or takes other arguments (`filled_frames_patch_problem`:
+        logged once, and the full window runs, as before). A batch the wrapper cannot cut also runs in full."""
         import copy
 
         import torch
@@ -215,16 +247,27 @@ class WeightSyncExtension:
 
         model = self.model_runner.get_model()
         tower, process = getattr(model, "audio_tower", None), getattr(model, "_process_audio_input", None)
-        if type(tower).__name__ != "Qwen2AudioEncoder" or process is None:
+        if type(tower).__name__ != "Qwen2AudioEncoder":
+            return False
+        problem = filled_frames_patch_problem(process)
+        if problem:
+            _log_patch_off_once(problem)
             return False
         encode_filled_frames_only(tower)
 
-        def process_filled_frames(audio_input):
-            features = audio_input.get("input_features")
-            if isinstance(features, torch.Tensor) and features.dim() == 3:  # (clips, mels, 3000), stacked
-                audio_input = copy.copy(audio_input)
-                audio_input.input_features = filled_frames(features, audio_input.get("feature_attention_mask"))
-            return process(audio_input)
+        def process_filled_frames(audio_input, *args, **kwargs):
+            try:
+                features = audio_input.get("input_features")
+                if isinstance(features, torch.Tensor) and features.dim() == 3:  # (clips, mels, 3000), stacked
+                    cut = filled_frames(features, audio_input.get("feature_attention_mask"))
+                    audio_input = copy.copy(audio_input)
+                    if isinstance(audio_input, dict):
+                        audio_input["input_features"] = cut
+                    else:
+                        audio_input.input_features = cut
+            except Exception as err:  # noqa: BLE001 - never fail a request over an optimisation
+                _log_patch_off_once(f"cutting a batch failed ({type(err).__name__}: {err})")
+            return process(audio_input, *args, **kwargs)
 
         model._process_audio_input = process_filled_frames
         return True

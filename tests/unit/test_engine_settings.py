@@ -37,3 +37,23 @@ def test_actor_env_gives_every_actor_its_threads_and_leaves_cores_unpinned():
     assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "2"
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind" and env["DS_ACCELERATOR"] == "cpu"
     assert env["OMP_WAIT_POLICY"] == "PASSIVE"  # spinning threads stall each other on shared cores
+
+
+def test_threads_follow_the_cpus_each_actor_reserves_unless_set(monkeypatch):
+    from sari_ray.actors.wiring import actor_env, threads_per_actor
+
+    def cfg(**cluster):
+        return OmegaConf.merge(OmegaConf.structured(TrainConfig), {
+            "cluster": cluster, "rollout": {"num_cpus_per_worker": 8, "num_workers": 2},
+            "learner": {"num_cpus_per_worker": 2.5, "num_workers": 4}})
+
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # a cluster: the actors' own CPUs
+    assert threads_per_actor(cfg(), "rollout") == 8 and threads_per_actor(cfg(), "learner") == 2
+    assert actor_env(cfg(), "rollout")["OMP_NUM_THREADS"] == "8"
+    assert threads_per_actor(cfg(torch_threads_per_actor=3), "rollout") == 3  # set: it wins
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setattr("os.cpu_count", lambda: 2)  # a local cluster on 2 cores, 6 actors: 1 thread each
+    assert threads_per_actor(cfg(), "rollout") == threads_per_actor(cfg(), "learner") == 1
+    fractional = OmegaConf.merge(cfg(), {"learner": {"num_cpus_per_worker": 0.5}})
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    assert threads_per_actor(fractional, "learner") == 1  # a fraction of a CPU: still one thread

@@ -97,7 +97,8 @@ def test_actor_group_plumbing_imports_nothing_of_actors_and_nothing_imports_the_
 LOGIC_MODULES = ("sari_ray.data.schema", "sari_ray.data.validate", "sari_ray.prompts", "sari_ray.answers",
                  "sari_ray.rewards", "sari_ray.curriculum", "sari_ray.grpo", "sari_ray.metrics", "sari_ray.records",
                  "sari_ray.batching", "sari_ray.rollout_pipeline", "sari_ray.checkpoints", "sari_ray.eval_stats",
-                 "sari_ray.mmau", "sari_ray.config", "sari_ray.report", "sari_ray.ablation")
+                 "sari_ray.mmau", "sari_ray.config", "sari_ray.report", "sari_ray.ablation", "sari_ray.plan",
+                 "sari_ray.model_shapes")
 ENGINE_PACKAGES = ("ray", "vllm", "deepspeed", "mlflow")
 
 
