@@ -1,5 +1,7 @@
 """`sari-ray bench pipeline`: the same short GRPO run twice on this machine, synchronous (rollout.max_staleness=0)
 then asynchronous (1): their throughput per wall-second of a whole step, and the peak memory (PSS) of each run.
+`--compare rollout-workers`: one rollout worker against two, asynchronous, at a step where generation dominates
+(16 prompts x 4 completions of up to 128 tokens): what adding a rollout worker buys.
 
 Tiny random Qwen2-Audio, synthetic data, no SFT, G=4, 64-token completions, 1 rollout worker + 1 learner with one
 thread each: real Ray, vLLM and DeepSpeed, as `sari-ray train` runs them. Random weights are fine for timing.
@@ -15,7 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-MODES = {"sync": 0, "async": 1}  # rollout.max_staleness of each run
+# --compare: the two runs' overrides (the speedup is the first's step time over the second's)
+COMPARISONS = {
+    "staleness": {"sync": ["rollout.max_staleness=0"], "async": ["rollout.max_staleness=1"]},
+    "rollout-workers": {"1 worker": ["rollout.max_staleness=1"],
+                        "2 workers": ["rollout.max_staleness=1", "rollout.num_workers=2", "cluster.num_cpus=3"]},
+}
+GENERATION_HEAVY = ["grpo.prompts_per_step=16", "grpo.max_completion_length=128", "rollout.max_model_len=1024"]
 
 # What the benchmark fixes, on top of configs/demo_cpu.yaml (the issue's setting: 1 + 1 actors, one thread each).
 BENCH_OVERRIDES = [
@@ -27,19 +35,21 @@ BENCH_OVERRIDES = [
 
 
 def pipeline_benchmark(steps: int = 20, warmup: int = 2, workdir: str | None = None,
-                       extra_overrides: list[str] | None = None) -> dict[str, Any]:
+                       extra_overrides: list[str] | None = None, compare: str = "staleness") -> dict[str, Any]:
     from sari_ray.train_cli import demo_config_path
 
     root = Path(workdir or tempfile.mkdtemp(prefix="sari-bench-pipeline-"))
     out: dict[str, Any] = {}
-    for mode, staleness in MODES.items():
-        overrides = [*BENCH_OVERRIDES, f"grpo.steps={steps}", f"rollout.max_staleness={staleness}",
+    heavy = GENERATION_HEAVY if compare == "rollout-workers" else []
+    for mode, mode_overrides in COMPARISONS[compare].items():
+        overrides = [*BENCH_OVERRIDES, *heavy, f"grpo.steps={steps}", *mode_overrides,
                      f"model.path={root / 'tiny-qwen2-audio'}", f"data.train={root / 'data' / 'data.jsonl'}",
-                     f"run.output_dir={root / mode}", *(extra_overrides or [])]
+                     f"run.output_dir={root / mode.replace(' ', '_')}", *(extra_overrides or [])]
         out[mode] = _timed_run([str(demo_config_path())], overrides, warmup)
-    out["speedup"] = out["sync"]["step_s"] / out["async"]["step_s"]
-    out["encoder_forwards_per_clip_per_pass"] = out["async"].pop("encoder_forwards_per_clip_per_pass")
-    out["sync"].pop("encoder_forwards_per_clip_per_pass")
+    first, second = COMPARISONS[compare]
+    out["speedup"] = out[first]["step_s"] / out[second]["step_s"]
+    out["encoder_forwards_per_clip_per_pass"] = out[second].pop("encoder_forwards_per_clip_per_pass")
+    out[first].pop("encoder_forwards_per_clip_per_pass")
     return out
 
 
@@ -87,6 +97,9 @@ def add_parser(kinds) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of the figures")
     p.add_argument("--workdir", default=None, help="where the model, data and runs go (default: a temp dir)")
+    p.add_argument("--compare", choices=sorted(COMPARISONS), default="staleness",
+                   help="staleness: synchronous vs asynchronous; rollout-workers: 1 vs 2 rollout workers "
+                        "(asynchronous, generation-heavy steps)")
     p.add_argument("--json", action="store_true", help="last line: the figures as one JSON object")
     p.add_argument("overrides", nargs="*", help="extra config overrides (key=value) for both runs")
     p.set_defaults(func=_run)
@@ -95,11 +108,11 @@ def add_parser(kinds) -> None:
 def _run(args: argparse.Namespace) -> int:
     if args.steps <= args.warmup:
         raise ValueError(f"--steps={args.steps} must exceed --warmup={args.warmup}")
-    result = pipeline_benchmark(args.steps, args.warmup, args.workdir, args.overrides)
-    for mode in MODES:
+    result = pipeline_benchmark(args.steps, args.warmup, args.workdir, args.overrides, args.compare)
+    for mode in COMPARISONS[args.compare]:
         r = result[mode]
         phases = ", ".join(f"{k} {v:.2f}" for k, v in r["phases"].items())
-        print(f"{mode:5s}: {r['step_s']:.2f} s/step, {r['completions_per_s']:.1f} completions/s, "
+        print(f"{mode:9s}: {r['step_s']:.2f} s/step, {r['completions_per_s']:.1f} completions/s, "
               f"{r['tokens_per_s']:.0f} tokens/s, rollout busy {r['rollout_busy_frac']:.0%}, "
               f"learner busy {r['learner_busy_frac']:.0%}, peak memory {r['peak_pss_gib']:.2f} GiB PSS "
               f"(phases, s: {phases})")

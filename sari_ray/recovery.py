@@ -105,9 +105,9 @@ def back_to_checkpoint(trainer, err: Exception) -> None:
     is killed first, those blocked in a collective with it too, and a new group starts), then go back to the last
     complete checkpoint, at most run.max_restarts times per kind. Rollouts in flight are discarded; the steps
     after the checkpoint are trained and logged again (same MLflow run; readers take a step's last value).
-    Other actors' deaths are re-raised. A death met on the way back is handled the same way, in turn: a lost node
-    can take a learner and the curriculum scheduler with it (Ray places the scheduler, which asks for no CPU, on
-    any node), and the first call to the second one comes during the restore."""
+    Other actors' deaths are re-raised. A death met on the way back is handled the same way, in turn (the
+    curriculum scheduler lives on the driver's node, so a lost learner node no longer takes it along, but it
+    can still be killed while the run goes back)."""
     while True:
         try:
             return _go_back(trainer, err)

@@ -49,6 +49,12 @@ class RolloutPipeline:
         """The steps sent but not yet trained, with their completions (waits for them): checkpoint content."""
         return [{"step": f.step, "ids": f.ids, "rollouts": self._wait(f)} for f in self.queue]
 
+    def collect_in_flight(self) -> None:
+        """Wait for every step sent and not yet trained (their rollouts are kept for `take`)."""
+        for f in self.queue:
+            if f.pending is not None:
+                self._wait(f)
+
     def restore(self, in_flight: list[dict]) -> None:
         """Put a checkpoint's in-flight steps back: their rollouts are not generated again (an entry without
         `rollouts` keeps its batch and is generated anew when due)."""

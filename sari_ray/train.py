@@ -252,6 +252,9 @@ class Trainer:
         """Learner rank 0 -> every rollout worker, as the next weight version (`new_version=False` re-delivers the
         current one: a resumed run's checkpoint weights). With rollout.max_staleness > 0 (object store) a worker
         loads once its rollouts in flight are done and the driver does not wait (the next collect checks)."""
+        if self.cfg.learner.sync_backend == "collective":  # a broadcast waits for the rollouts in flight anyway;
+            self.pipeline.collect_in_flight()  # collected first, a lost worker's shard reruns on the weights it was
+            # sent under (the collective path keeps no older buckets to give a survivor afterwards)
         self.state["weight_version"] += int(new_version)  # by learner.sync_backend, see actors/weight_sync.py
         return self.weight_sync.sync(self.state["weight_version"], wait=self.cfg.rollout.max_staleness == 0)
 

@@ -108,3 +108,16 @@ def test_a_resume_with_a_lower_staleness_bound_regenerates_the_too_stale_complet
     run(0, 5, range(3, 6), rec, pipe)
     assert rec.log == ["send 3 b3", "wait 3", "train 3 b3", "send 4 b4", "wait 4", "train 4 b4",
                        "draw b1", "send 5 b1", "wait 5", "train 5 b1"]
+
+
+def test_collecting_in_flight_waits_once_and_take_serves_what_was_collected():
+    """Before a collective weight sync the driver collects the steps in flight (their shards are then redone on
+    the weights they were sent under if a worker is lost); `take` later gives those rollouts without waiting."""
+    rec = Recorder()
+    pipe = run(1, 4, range(1, 2), rec)
+    assert rec.log[-2:] == ["wait 1", "train 1 b1"]  # step 2 sent, in flight
+    pipe.collect_in_flight()
+    pipe.collect_in_flight()  # nothing left to wait for
+    assert rec.log[-1] == "wait 2" and rec.log.count("wait 2") == 1
+    run(1, 4, range(2, 3), rec, pipe)
+    assert rec.log[-3:] == ["draw b3", "send 3 b3", "train 2 b2"]  # no second wait for step 2
