@@ -221,7 +221,7 @@ class Trainer:
             self.state.setdefault("promotions", []).append(event)
             self.console.print(f"[green]step {step}: tier {event['from_tier']} -> {event['to_tier']} "
                                f"(accuracies {event['accuracies']})")
-            self.tracker.log_dict(self.state["promotions"], "curriculum_history.json")
+            self._write_curriculum_history()
         if cfg.eval.every and step % cfg.eval.every == 0:
             m.update(self.evaluate()[0])
         self.tracker.log_metrics(m, step)
@@ -229,6 +229,13 @@ class Trainer:
             f.write(json.dumps({"step": step, "ids": batch_ids}) + "\n")
         if cfg.tracking.completions_table_every and step % cfg.tracking.completions_table_every == 0:
             self.tracker.log_table(metrics_lib.completions_table(step, scored[:32]), f"completions/step_{step:06d}.json")
+
+    def _write_curriculum_history(self) -> None:
+        """Every promotion so far (step, from_tier, to_tier, accuracies, steps_at_tier, reason): the run
+        directory's `curriculum_history.json` and the MLflow artifact of that name."""
+        promotions = self.state.get("promotions", [])
+        (self.out / "curriculum_history.json").write_text(json.dumps(promotions, indent=1))
+        self.tracker.log_dict(promotions, "curriculum_history.json")
 
     def _draw_batch(self) -> list[str]:
         return self.ask_curriculum("next_batch").ids
@@ -267,7 +274,7 @@ class Trainer:
         s = self.state
         final, final_items = self.evaluate()
         self.tracker.log_metrics(final, s["step"])
-        self.tracker.log_dict(s.get("promotions", []), "curriculum_history.json")
+        self._write_curriculum_history()
         summary = {**metrics_lib.run_summary(s, seconds, final, final_items, {x.id: x.tier or 0 for x in self.eval_set}),
                    "mlflow_run_id": self.tracker.run_id, "tracking_uri": self.tracker.tracking_uri,
                    "output_dir": str(self.out)}
