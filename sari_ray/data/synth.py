@@ -17,7 +17,7 @@ model learns at tier k (where the boundary lies) is most of what tier k+1 needs:
 
     tier 0  pitch                 low 150-300 Hz or high 1200-2000 Hz (the same family as `mixed` tier 0)
     tier 1  pitch_near            low 300-450 Hz or high 800-1200 Hz
-    tier 2  pitch_close           low 450-560 Hz or high 640-800 Hz (under 1.5x apart)
+    tier 2  pitch_close           low 450-560 Hz or high 640-800 Hz (as little as 1.14x apart)
 
 Deterministic: the same (n, seed, tiers, families) gives byte-identical jsonl and wav files.
 """
