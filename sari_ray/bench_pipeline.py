@@ -31,6 +31,8 @@ BENCH_OVERRIDES = [
     "rollout.num_workers=1", "learner.num_workers=1", "cluster.torch_threads_per_actor=1", "cluster.num_cpus=2",
     "grpo.vllm_importance_sampling_correction=true", "eval.max_samples=1", "eval.silent_audio=false",
     "checkpoint.every=1000", "tracking.completions_table_every=0", "curriculum.mode=shuffled",
+    # the data it was measured on: the one-tier demo's 500 items (configs/overlays/demo_one_tier.yaml)
+    "data.synth_if_missing=500", "data.synth_set=mixed", "data.eval_fraction=0.2", "curriculum.num_tiers=1",
 ]
 
 

@@ -75,6 +75,8 @@ class DataConfig:
     # run.seed)
     invalid_rows: str = "error"  # error: stop before training listing all problems | skip: drop and count
     synth_if_missing: int = 0  # demo/tests: synthesise this many at `train` if absent (only as <new folder>/data.jsonl)
+    synth_set: str = "mixed"  # which synthetic tiers synth_if_missing writes: mixed (a different skill per tier) |
+    # pitch_ladder (one question, "is the tone high or low?", the two bands closing in tier by tier)
     allow_external_audio: bool = False  # audio may lie outside the data folder (audio_dir, else the file's folder)
     max_audio_seconds: float = 30.0  # the models' audio window; longer clips are truncated and counted
     audio_contribution: str | None = None  # jsonl from `sari-ray data audio-contribution` (id, contribution, ...)
@@ -239,6 +241,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "data.format": ("jsonl", "mmau", "r1aqa"),
     "data.invalid_rows": ("error", "skip"),
+    "data.synth_set": ("mixed", "pitch_ladder"),
     "prompt.style": ("implicit", "free", "structured"),
     "sft.style": ("implicit", "free", "structured"),
     "curriculum.mode": ("curriculum", "shuffled", "hard_first"),
@@ -486,12 +489,13 @@ def _contribution_filter_has_its_file(cfg: DictConfig) -> str | None:
 def _synth_has_the_tiers(cfg: DictConfig) -> str | None:
     if cfg.data.synth_if_missing <= 0:
         return None
-    from sari_ray.data.synth import TIER_FAMILIES
+    from sari_ray.data.synth import tier_families
 
-    if cfg.curriculum.num_tiers > len(TIER_FAMILIES):
-        return (f"curriculum.num_tiers={cfg.curriculum.num_tiers} but the synthetic generator "
-                f"(data.synth_if_missing={cfg.data.synth_if_missing}) has {len(TIER_FAMILIES)} tiers; "
-                f"use curriculum.num_tiers <= {len(TIER_FAMILIES)}")
+    tiers = len(tier_families(cfg.data.synth_set))
+    if cfg.curriculum.num_tiers > tiers:
+        return (f"curriculum.num_tiers={cfg.curriculum.num_tiers} but the synthetic set "
+                f"data.synth_set={cfg.data.synth_set} (data.synth_if_missing={cfg.data.synth_if_missing}) has "
+                f"{tiers} tiers; use curriculum.num_tiers <= {tiers}")
     return None
 
 
@@ -517,7 +521,8 @@ CROSS_RULES: tuple[tuple[str, tuple[str, ...], Callable[[DictConfig], str | None
     ("stale_rollouts_are_corrected", ("rollout.max_staleness", "grpo.vllm_importance_sampling_correction"),
      _stale_rollouts_are_corrected),
     ("synth_writes_jsonl", ("data.synth_if_missing", "data.format"), _synth_writes_jsonl),
-    ("synth_has_the_tiers", ("data.synth_if_missing", "curriculum.num_tiers"), _synth_has_the_tiers),
+    ("synth_has_the_tiers", ("data.synth_if_missing", "data.synth_set", "curriculum.num_tiers"),
+     _synth_has_the_tiers),
     ("contribution_filter_has_its_file", ("data.min_audio_contribution", "data.audio_contribution"),
      _contribution_filter_has_its_file),
 )

@@ -22,6 +22,21 @@ def progress_line(step: int, m: dict[str, float]) -> str:
             f"tier {int(m.get('curriculum/tier', 0))} | {m['throughput/completions_per_s']:.1f} compl/s")
 
 
+def promotions_table(promotions: list[dict[str, Any]]):
+    """The curriculum's promotions (as in `curriculum_history.json`): step, from, to, why, the running accuracy
+    per tier at that step."""
+    from rich.table import Table
+
+    table = Table(title="curriculum promotions (running accuracy of the sampled completions per tier)")
+    for column in ("step", "from tier", "to tier", "steps at tier", "why", "accuracies"):
+        table.add_column(column)
+    for p in promotions:
+        accs = ", ".join(f"tier {t}: {a:.2f}" for t, a in sorted(p["accuracies"].items(), key=lambda kv: int(kv[0])))
+        table.add_row(str(p["step"]), str(p["from_tier"]), str(p["to_tier"]), str(p.get("steps_at_tier", "-")),
+                      str(p.get("reason", "-")), accs)
+    return table
+
+
 def print_summary(console, summary: dict[str, Any]) -> None:
     from rich.table import Table
 
@@ -30,9 +45,7 @@ def print_summary(console, summary: dict[str, Any]) -> None:
     table.add_column("value")
     table.add_row("wall time", f"{summary['seconds']:.0f} s")
     table.add_row("steps", f"SFT {summary['sft_steps']}, GRPO {summary['grpo_steps']}")
-    for p in summary["promotions"]:
-        accs = ", ".join(f"tier {t}: {a:.2f}" for t, a in p["accuracies"].items())
-        table.add_row("promotion", f"step {p['step']}: tier {p['from_tier']} -> {p['to_tier']} ({accs})")
+    table.add_row("promotions", f"{len(summary['promotions'])} (table below; curriculum_history.json)")
     for t in summary["reward_by_tier"]:
         table.add_row(f"GRPO reward, tier {t['tier']}", f"steps {t['steps'][0]}-{t['steps'][1]}: first quarter "
                                                          f"{t['first_quarter']:.3f} -> last quarter {t['last_quarter']:.3f}")
@@ -48,6 +61,8 @@ def print_summary(console, summary: dict[str, Any]) -> None:
     if summary.get("report"):
         table.add_row("report", f"{summary['report']} (reward, accuracy, tiers, held-out gain)")
     console.print(table)
+    if summary["promotions"]:
+        console.print(promotions_table(summary["promotions"]))
     if summary.get("grpo_gain"):
         gain = Table(title="what GRPO added (held-out, same items; 95% CI of the paired difference)")
         for column in ("tier", "n", "after SFT", "final", "diff", "95% CI", "final, silent audio"):

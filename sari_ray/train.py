@@ -222,7 +222,7 @@ class Trainer:
             self.state.setdefault("promotions", []).append(event)
             self.console.print(f"[green]step {step}: tier {event['from_tier']} -> {event['to_tier']} "
                                f"(accuracies {event['accuracies']})")
-            self.tracker.log_dict(self.state["promotions"], "curriculum_history.json")
+            self._write_curriculum_history()
         if cfg.eval.every and step % cfg.eval.every == 0:
             held_out = self.evaluate()[0]
             m.update(held_out)
@@ -232,6 +232,13 @@ class Trainer:
             f.write(json.dumps({"step": step, "ids": batch_ids}) + "\n")
         if cfg.tracking.completions_table_every and step % cfg.tracking.completions_table_every == 0:
             self.tracker.log_table(metrics_lib.completions_table(step, scored[:32]), f"completions/step_{step:06d}.json")
+
+    def _write_curriculum_history(self) -> None:
+        """Every promotion so far (step, from_tier, to_tier, accuracies, steps_at_tier, reason): the run
+        directory's `curriculum_history.json` and the MLflow artifact of that name."""
+        promotions = self.state.get("promotions", [])
+        (self.out / "curriculum_history.json").write_text(json.dumps(promotions, indent=1))
+        self.tracker.log_dict(promotions, "curriculum_history.json")
 
     def _draw_batch(self) -> list[str]:
         return self.ask_curriculum("next_batch").ids
@@ -273,7 +280,7 @@ class Trainer:
         s = self.state
         final, final_items = self.evaluate()
         self.tracker.log_metrics(final, s["step"])
-        self.tracker.log_dict(s.get("promotions", []), "curriculum_history.json")
+        self._write_curriculum_history()
         tier_of = {x.id: x.tier or 0 for x in self.eval_set}
         (self.out / HELD_OUT_FILE).write_text(json.dumps(held_out_record(s["history"], s["step"], final, final_items,
                                                                          tier_of)))

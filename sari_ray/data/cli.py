@@ -1,6 +1,6 @@
 """`sari-ray data ...`: make and check question sets.
 
-    sari-ray data synth --out runs/synth --n 96 --seed 0 [--tiers 3] [--silent]
+    sari-ray data synth --out runs/synth --n 96 --seed 0 [--tiers 3] [--set mixed|pitch_ladder] [--silent]
     sari-ray data validate --data shared/data/mmau/mmau-test-mini.json --format mmau --no-check-audio
     sari-ray data silent-copy --data runs/synth/data.jsonl --out runs/synth-silent
     sari-ray data difficulty ...   (registered from sari_ray.data.difficulty)
@@ -29,6 +29,8 @@ def register_cli(subparsers) -> None:
     synth.add_argument("--seed", type=int, default=0, help="same seed -> byte-identical files")
     synth.add_argument("--tiers", "--num-tiers", dest="tiers", type=int, default=3,
                        help="number of curriculum tiers (1..3)")
+    synth.add_argument("--set", dest="families", default="mixed", choices=("mixed", "pitch_ladder"),
+                       help="mixed: a different skill per tier; pitch_ladder: one pitch question, harder per tier")
     synth.add_argument("--silent", action="store_true", help="silent clips (checks that a model uses the audio)")
     synth.set_defaults(func=run_synth)
 
@@ -71,7 +73,8 @@ def _tier_counts(path) -> str:
 def run_synth(args: argparse.Namespace) -> int:
     from sari_ray.data.synth import synthesize
 
-    path = synthesize(args.out, n=args.n, seed=args.seed, tiers=args.tiers, silence=args.silent)
+    path = synthesize(args.out, n=args.n, seed=args.seed, tiers=args.tiers, silence=args.silent,
+                      families=args.families)
     print(path)
     print(_tier_counts(path))
     return 0

@@ -101,12 +101,13 @@ def synthesize_missing(cfg, train_path: Path, console) -> Path:
             f"data.train={cfg.data.train} does not exist, and {folder} already exists and is not empty: "
             "data.synth_if_missing writes a synthetic set only into a new or empty folder (check the path, or "
             "remove the folder to synthesise again)")
-    console.print(f"synthesising {cfg.data.synth_if_missing} questions into {folder} ({cfg.data.train} was missing)")
+    console.print(f"synthesising {cfg.data.synth_if_missing} questions ({cfg.data.synth_set}, "
+                  f"{cfg.curriculum.num_tiers} tiers) into {folder} ({cfg.data.train} was missing)")
     partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     try:
         produced = synthesize(partial, n=cfg.data.synth_if_missing, seed=cfg.run.seed,
-                              tiers=cfg.curriculum.num_tiers)
+                              tiers=cfg.curriculum.num_tiers, families=cfg.data.synth_set)
         assert produced.name == SYNTH_FILE_NAME, produced
         partial.replace(folder)  # atomic; replaces an empty folder
     finally:

@@ -11,7 +11,15 @@ listening. Choice order is shuffled and answers balanced per tier and family, so
     tier 2  count_noisy           one to three shorter, closer beeps in noise (SNR 6 dB)
             compare_pitch_close   two tones 1.08-1.2x apart in noise (SNR 10 dB)
 
-Deterministic: the same (n, seed, tiers) gives byte-identical jsonl and wav files.
+That is the `mixed` set (`SYNTH_SETS`), a different skill per tier. The `pitch_ladder` set asks one question at
+every tier, "is the tone high or low in pitch?", with the high and low bands closing in on 600 Hz, so what a
+model learns at tier k (where the boundary lies) is most of what tier k+1 needs:
+
+    tier 0  pitch                 low 150-300 Hz or high 1200-2000 Hz (the same family as `mixed` tier 0)
+    tier 1  pitch_near            low 300-450 Hz or high 800-1200 Hz
+    tier 2  pitch_close           low 450-560 Hz or high 640-800 Hz (as little as 1.14x apart)
+
+Deterministic: the same (n, seed, tiers, families) gives byte-identical jsonl and wav files.
 """
 from __future__ import annotations
 
@@ -78,12 +86,19 @@ def _noise_words(snr_db: float | None) -> str:
 
 # ---- families ------------------------------------------------------------------------------------------
 
-def _render_pitch(rng: np.random.Generator, answer: str) -> Rendered:
-    freq = int(rng.integers(1200, 2001) if answer == "high" else rng.integers(150, 301))
+def _render_pitch(rng: np.random.Generator, answer: str, low_hz: tuple[int, int] = (150, 300),
+                  high_hz: tuple[int, int] = (1200, 2000)) -> Rendered:
+    """One clean tone drawn from the low or the high band (inclusive bounds, whole hertz)."""
+    band = high_hz if answer == "high" else low_hz
+    freq = int(rng.integers(band[0], band[1] + 1))
     amplitude, onset, tone_s, clip_s = round(float(rng.uniform(0.3, 0.6)), 3), 0.1, 1.0, 1.2
     audio = _with_noise(_mix(clip_s, [(onset, _tone(freq, tone_s, amplitude))]), rng, amplitude, None)
-    where = ("well above the few-hundred-hertz range of a low tone" if answer == "high"
-             else "far below the kilohertz range of a high tone")
+    if (low_hz, high_hz) == ((150, 300), (1200, 2000)):
+        where = ("well above the few-hundred-hertz range of a low tone" if answer == "high"
+                 else "far below the kilohertz range of a high tone")
+    else:
+        where = (f"above the {low_hz[1]} Hz where low tones end here" if answer == "high"
+                 else f"below the {high_hz[0]} Hz where high tones begin here")
     parts = {
         "planning": "The question asks whether the single tone is high or low in pitch. I will listen to the "
                     "tone and judge its frequency.",
@@ -166,6 +181,23 @@ COMPARE_PITCH_CLOSE = Family("compare_pitch_close", COMPARE_PITCH.question, COMP
                              lambda rng, answer: _render_compare_pitch(rng, answer, close=True))
 TIER_FAMILIES: tuple[tuple[Family, ...], ...] = ((PITCH,), (COUNT, COMPARE_PITCH), (COUNT_NOISY, COMPARE_PITCH_CLOSE))
 
+PITCH_NEAR = Family("pitch_near", PITCH.question, PITCH.choices,
+                    lambda rng, answer: _render_pitch(rng, answer, (300, 450), (800, 1200)))
+PITCH_CLOSE = Family("pitch_close", PITCH.question, PITCH.choices,
+                     lambda rng, answer: _render_pitch(rng, answer, (450, 560), (640, 800)))
+PITCH_LADDER: tuple[tuple[Family, ...], ...] = ((PITCH,), (PITCH_NEAR,), (PITCH_CLOSE,))
+
+# data.synth_set -> families per tier (tier 0 first)
+SYNTH_SETS: dict[str, tuple[tuple[Family, ...], ...]] = {"mixed": TIER_FAMILIES, "pitch_ladder": PITCH_LADDER}
+
+
+def tier_families(families: str) -> tuple[tuple[Family, ...], ...]:
+    """The families per tier of the named set (`SYNTH_SETS`); an unknown name lists the valid ones."""
+    try:
+        return SYNTH_SETS[families]
+    except KeyError:
+        raise ValueError(f"unknown synthetic set {families!r}: choose one of {', '.join(SYNTH_SETS)}") from None
+
 
 # ---- dataset -------------------------------------------------------------------------------------------
 
@@ -176,24 +208,26 @@ def _balanced(size: int, options: int, rng: np.random.Generator) -> list[int]:
     return values
 
 
-def plan_items(n: int, seed: int, tiers: int = 3) -> list[tuple[str, int, Family, str, list[str]]]:
+def plan_items(n: int, seed: int, tiers: int = 3, families: str = "mixed"
+               ) -> list[tuple[str, int, Family, str, list[str]]]:
     """(id, tier, family, answer, choices in shown order) per item, before any audio is made.
 
     Item i gets tier i % tiers; families alternate within a tier. For each (tier, family) the answer word
     and the answer's position are each balanced and drawn independently.
     """
-    if not 1 <= tiers <= len(TIER_FAMILIES):
-        raise ValueError(f"tiers must be in 1..{len(TIER_FAMILIES)}, got {tiers}")
+    by_tier = tier_families(families)
+    if not 1 <= tiers <= len(by_tier):
+        raise ValueError(f"tiers must be in 1..{len(by_tier)}, got {tiers}")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     groups: dict[tuple[int, int], list[int]] = {}
     for index in range(n):
         tier = index % tiers
-        family_index = (index // tiers) % len(TIER_FAMILIES[tier])
+        family_index = (index // tiers) % len(by_tier[tier])
         groups.setdefault((tier, family_index), []).append(index)
     plan: dict[int, tuple] = {}
     for (tier, family_index), members in sorted(groups.items()):
-        family = TIER_FAMILIES[tier][family_index]
+        family = by_tier[tier][family_index]
         rng = np.random.default_rng([seed, 1_000_003, tier, family_index])
         answers = _balanced(len(members), len(family.choices), rng)
         positions = _balanced(len(members), len(family.choices), rng)
@@ -206,16 +240,17 @@ def plan_items(n: int, seed: int, tiers: int = 3) -> list[tuple[str, int, Family
     return [plan[index] for index in range(n)]
 
 
-def synthesize(out_dir: str | Path, n: int, seed: int = 0, tiers: int = 3, silence: bool = False) -> Path:
+def synthesize(out_dir: str | Path, n: int, seed: int = 0, tiers: int = 3, silence: bool = False,
+               families: str = "mixed") -> Path:
     """Write `out_dir/audio/<id>.wav` and `out_dir/data.jsonl` (audio paths relative); return the jsonl path.
 
     `silence=True` writes silent clips of the same length and drops the reasoning texts (they would no
-    longer be true to the audio); `extra["silent"]` marks such rows.
+    longer be true to the audio); `extra["silent"]` marks such rows. `families`: a `SYNTH_SETS` name.
     """
     from sari_ray.data.audio import write_wav
     from sari_ray.data.readers import write_jsonl
 
-    plan = plan_items(n, seed, tiers)  # checks n and tiers before anything is written
+    plan = plan_items(n, seed, tiers, families)  # checks n and tiers before anything is written
     out_dir = Path(out_dir)
     (out_dir / "audio").mkdir(parents=True, exist_ok=True)
     rows = []

@@ -64,7 +64,7 @@ def short_run_overrides(out: Path, data: Path, model: Path) -> list[str]:
     """A few SFT and GRPO steps on a tiny model; small enough for CI on 2 cores."""
     return [f"run.output_dir={out}", "run.name=it", f"model.path={model}", f"data.train={data}",
             "prompt.style=structured",  # SARI's style (the demo itself uses implicit, see configs/demo_cpu.yaml)
-            "curriculum.num_tiers=3",  # synth_data has tiers 0-2; the demo itself is one tier
+            "curriculum.num_tiers=3",  # synth_data has tiers 0-2 (the `mixed` set; the demo trains `pitch_ladder`)
             "data.eval_fraction=0.25", "sft.steps=2", "sft.batch_size=4", "grpo.steps=4", "grpo.prompts_per_step=4",
             "grpo.num_generations=2", "grpo.max_completion_length=24", "learner.micro_batch_size=4",
             "checkpoint.every=2", "eval.max_samples=8", "tracking.completions_table_every=2",

@@ -69,6 +69,7 @@ RULE_CASES = {
     "model.dtype": ["model.dtype=float16"],
     "data.format": ["data.format=csv", "data.synth_if_missing=0"],
     "data.invalid_rows": ["data.invalid_rows=ignore"],
+    "data.synth_set": ["data.synth_set=beeps"],
     "prompt.style": ["prompt.style=fancy", "sft.style=free"],
     "sft.style": ["sft.style=fancy"],
     "curriculum.mode": ["curriculum.mode=random"],
@@ -160,7 +161,7 @@ RULE_CASES = {
     "some_reward": ["reward.accuracy_weight=0", "reward.format_weight=0"],
     "stale_rollouts_are_corrected": ["rollout.max_staleness=1", "grpo.vllm_importance_sampling_correction=false"],
     "synth_writes_jsonl": ["data.format=mmau"],
-    "synth_has_the_tiers": ["curriculum.num_tiers=4"],
+    "synth_has_the_tiers": ["curriculum.num_tiers=4"],  # both sets have 3 tiers
     "contribution_filter_has_its_file": ["data.min_audio_contribution=0.25"],
     # the GRPO math's own check (GRPOSettings.validate) behind the config
     "grpo: GRPOSettings.validate": ["grpo.num_generations=1"],

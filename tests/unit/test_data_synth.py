@@ -151,3 +151,33 @@ def test_synth_cli_prints_path_and_tier_counts(tmp_path, capsys):
     assert args.func(args) == 0
     out = capsys.readouterr().out.splitlines()
     assert out == [str(tmp_path / "cli" / "data.jsonl"), "tier 0: 3, tier 1: 2, tier 2: 2"]
+
+
+def test_pitch_ladder_asks_one_question_with_the_bands_closing_in(tmp_path):
+    """The `pitch_ladder` set: every tier the same question and choices; the heard pitch lies in the tier's band
+    and on the answer's side of 600 Hz; the gap between the bands shrinks tier by tier."""
+    samples = read_samples(synthesize(tmp_path / "ladder", n=30, seed=1, families="pitch_ladder"))
+    assert Counter(s.tier for s in samples) == {0: 10, 1: 10, 2: 10}
+    assert {s.question for s in samples} == {"Is the tone high or low in pitch?"}
+    assert {s.extra["family"] for s in samples} == {"pitch", "pitch_near", "pitch_close"}
+    bands = {0: ((150, 300), (1200, 2000)), 1: ((300, 450), (800, 1200)), 2: ((450, 560), (640, 800))}
+    for s in samples:
+        assert sorted(s.choices) == ["high", "low"]
+        heard = _dominant_hz(load_audio(s.audio).samples)
+        assert abs(heard - s.extra["freqs_hz"][0]) < 3, s.id
+        low, high = bands[s.tier]
+        lo, hi = high if s.answer == "high" else low
+        assert lo <= s.extra["freqs_hz"][0] <= hi and (heard > 600) == (s.answer == "high"), s.id
+    for tier in (0, 1, 2):  # both answers at every tier, balanced
+        assert Counter(s.answer for s in samples if s.tier == tier) == {"high": 5, "low": 5}
+    gaps = [bands[t][1][0] / bands[t][0][1] for t in (0, 1, 2)]
+    assert gaps[0] > gaps[1] > gaps[2] > 1
+
+
+def test_pitch_ladder_tier0_is_the_mixed_sets_tier0(tmp_path):
+    """The ladder's easiest tier is the one-tier demo's question, drawn the same way (a 1-tier set is identical)."""
+    mixed = synthesize(tmp_path / "mixed", n=6, seed=0, tiers=1)
+    ladder = synthesize(tmp_path / "ladder", n=6, seed=0, tiers=1, families="pitch_ladder")
+    assert mixed.read_bytes() == ladder.read_bytes()
+    with pytest.raises(ValueError, match="unknown synthetic set 'beeps': choose one of mixed, pitch_ladder"):
+        synthesize(tmp_path / "bad", n=3, families="beeps")
