@@ -63,10 +63,24 @@ def assert_none_left(driver_pid: int, procs: list, seconds: float = 30.0) -> flo
 
     from sari_ray.deploy.local_ray import marked_processes
 
+    def running(process) -> bool:  # a process may exit between any two of these calls
+        try:
+            return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def process(pid: int):
+        try:
+            return psutil.Process(pid)
+        except psutil.Error:
+            return None
+
     t0 = time.monotonic()
     while True:
-        alive = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        alive += [psutil.Process(pid) for pid in marked_processes(driver_pid) if pid not in {p.pid for p in alive}]
+        alive = [p for p in procs if running(p)]
+        seen = {p.pid for p in alive}
+        alive += [p for p in map(process, [pid for pid in marked_processes(driver_pid) if pid not in seen])
+                  if p is not None and running(p)]
         if not alive:
             return time.monotonic() - t0
         if time.monotonic() - t0 > seconds:
