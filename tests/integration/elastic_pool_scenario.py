@@ -14,7 +14,6 @@ elastic (rollout.min_workers=1, rollout.max_workers=2). Writes a JSON report (--
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import time
@@ -22,7 +21,8 @@ from pathlib import Path
 
 from tests.integration.conftest import short_run_overrides
 from tests.integration.multinode import (REPO, add_node, assert_loopback_only, constructed, node_processes,
-                                         shutdown, start_cluster, start_driver, stop_driver, wait_until)
+                                         shutdown, start_cluster, start_driver, stop_driver, wait_until,
+                                         write_report)
 
 LEARNER_NODE = {"num_cpus": 2, "resources": {"learner_slot": 2}}
 ROLLOUT_NODE = {"num_cpus": 1, "resources": {"rollout_slot": 1}}
@@ -105,33 +105,9 @@ def main() -> None:
         report["exit_code"] = driver.returncode
     finally:
         shutdown(cluster)
-    report["log_tail"] = log.read_text()[-6000:]
-    report.update(mlflow_report(a.out))
-    a.report.write_text(json.dumps(report, indent=1))
-
-
-def mlflow_report(out: Path) -> dict:
-    """What the run's own MLflow store holds (sqlite in its output directory): the run, the GRPO steps with a
-    reward/mean, the pool's size per step, node losses and join times."""
-    from mlflow.tracking import MlflowClient
-
-    from sari_ray.engines.tracking import default_tracking_uri
-
-    client = MlflowClient(default_tracking_uri(out))
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    found = {"mlflow_run_ids": [r.info.run_id for r in runs], "mlflow_status": [r.info.status for r in runs]}
-    if len(runs) == 1:
-        run_id = runs[0].info.run_id
-
-        def history(key: str) -> list[tuple[int, float]]:
-            return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
-
-        found["reward_steps"] = [step for step, _ in history("reward/mean")]
-        found["workers"] = history("rollout/workers")
-        found["node_losses"] = history("faults/rollout_node_losses")
-        found["join_s"] = history("rollout/join_s")
-        found["completions_per_s"] = history("throughput/completions_per_s")
-    return found
+    write_report(a.report, report, log, a.out, {
+        "workers": "rollout/workers", "node_losses": "faults/rollout_node_losses", "join_s": "rollout/join_s",
+        "completions_per_s": "throughput/completions_per_s"})
 
 
 if __name__ == "__main__":

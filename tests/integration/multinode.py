@@ -109,6 +109,25 @@ class NamespacedScript:
                 pass
 
 
+def run_scenario(module: str, tmp_path: Path, model: Path, data: Path, *flags: str) -> dict:
+    """`python -m MODULE` (a scenario script) in a fresh network namespace, with the run under tmp_path/run; its
+    JSON report, with the seconds it took and what was left in the namespace 30 s after it."""
+    import json
+
+    t0 = time.monotonic()
+    script = NamespacedScript(module, ["--model", str(model), "--data", str(data), "--out", str(tmp_path / "run"),
+                                       "--report", str(tmp_path / "report.json"), *flags], tmp_path / "script.log")
+    rc = script.wait(1200)
+    left = script.left_after(30)
+    driver_log = tmp_path / "run-driver.log"
+    assert rc == 0, ((tmp_path / "script.log").read_text()[-3000:] + "\n--- driver:\n"
+                     + (driver_log.read_text()[-3000:] if driver_log.exists() else "(not started)"))
+    report = json.loads((tmp_path / "report.json").read_text())
+    report["left"], report["seconds"] = left, time.monotonic() - t0
+    print({k: v for k, v in report.items() if k != "log_tail"})
+    return report
+
+
 def _name(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()[:80]
@@ -142,11 +161,10 @@ def add_node(cluster, num_cpus: int, resources: dict[str, float]):
     return cluster.add_node(num_cpus=num_cpus, resources=resources, object_store_memory=NODE_OBJECT_STORE_BYTES)
 
 
-def node_processes(node) -> dict[str, list[int]]:
-    """Actor processes running on a node (`ray::ClassName` -> pids): what its raylet started."""
+def _raylet_children(node):
+    """(process title, pid) of every process the node's raylet started."""
     import psutil
 
-    found: dict[str, list[int]] = {}
     for info in node.all_processes.get("raylet", []):
         try:
             children = psutil.Process(info.process.pid).children(recursive=True)
@@ -154,33 +172,26 @@ def node_processes(node) -> dict[str, list[int]]:
             continue
         for child in children:
             try:
-                name = child.cmdline()[0] if child.cmdline() else ""
+                yield (child.cmdline() or [""])[0], child.pid
             except psutil.Error:
                 continue
-            if name.startswith("ray::") and not name.startswith(("ray::IDLE", "ray::DashboardAgent",
-                                                                  "ray::RuntimeEnvAgent")):
-                found.setdefault(name.split()[0].split(".")[0], []).append(child.pid)
+
+
+def node_processes(node) -> dict[str, list[int]]:
+    """Actor processes running on a node (`ray::ClassName` -> pids): what its raylet started."""
+    found: dict[str, list[int]] = {}
+    for name, pid in _raylet_children(node):
+        if name.startswith("ray::") and not name.startswith(("ray::IDLE", "ray::DashboardAgent",
+                                                              "ray::RuntimeEnvAgent")):
+            found.setdefault(name.split()[0].split(".")[0], []).append(pid)
     return found
 
 
 def constructed(node, class_name: str) -> bool:
     """Whether an actor of `class_name` on the node has finished its constructor: Ray titles its process
     `ray::Class.__init__` while the constructor runs, `ray::Class` (or `ray::Class.method`) after."""
-    import psutil
-
-    for info in node.all_processes.get("raylet", []):
-        try:
-            children = psutil.Process(info.process.pid).children(recursive=True)
-        except psutil.Error:
-            continue
-        for child in children:
-            try:
-                title = (child.cmdline() or [""])[0]
-            except psutil.Error:
-                continue
-            if title.startswith(f"ray::{class_name}") and not title.startswith(f"ray::{class_name}.__init__"):
-                return True
-    return False
+    return any(title.startswith(f"ray::{class_name}") and not title.startswith(f"ray::{class_name}.__init__")
+               for title, _ in _raylet_children(node))
 
 
 def start_driver(address: str, args: list[str], log: Path) -> subprocess.Popen:
@@ -217,3 +228,29 @@ def shutdown(cluster) -> None:
     cluster.shutdown()
     if cluster.head_node is not None:
         cluster.remove_node(cluster.head_node, allow_graceful=False)
+
+
+def write_report(path: Path, report: dict, log: Path, out: Path, histories: dict[str, str]) -> None:
+    """The scenario's report as JSON: what it measured, the driver log's tail, and what the run's own MLflow
+    store holds (sqlite in its output directory): run ids and statuses, the GRPO steps with a reward/mean, and
+    for each name in `histories` that metric's (step, value) history."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from sari_ray.engines.tracking import default_tracking_uri
+
+    report["log_tail"] = log.read_text()[-6000:]
+    client = MlflowClient(default_tracking_uri(out))
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    report["mlflow_run_ids"] = [r.info.run_id for r in runs]
+    report["mlflow_status"] = [r.info.status for r in runs]
+    if len(runs) == 1:
+        run_id = runs[0].info.run_id
+
+        def history(key: str) -> list[tuple[int, float]]:
+            return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+        report["reward_steps"] = [step for step, _ in history("reward/mean")]
+        report.update({name: history(key) for name, key in histories.items()})
+    path.write_text(json.dumps(report, indent=1))

@@ -9,13 +9,12 @@ it waits for learner_slot; without, it never does. Writes a JSON report (--repor
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 from tests.integration.conftest import short_run_overrides
 from tests.integration.multinode import (REPO, add_node, assert_loopback_only, node_processes, shutdown,
-                                         start_cluster, start_driver, stop_driver, wait_until)
+                                         start_cluster, start_driver, stop_driver, wait_until, write_report)
 
 LEARNER_NODE = {"num_cpus": 2, "resources": {"learner_slot": 2}}
 ROLLOUT_NODE = {"num_cpus": 2, "resources": {"rollout_slot": 1}}
@@ -69,26 +68,7 @@ def main() -> None:
         report["exit_code"] = driver.returncode
     finally:
         shutdown(cluster)
-    report["log_tail"] = log.read_text()[-6000:]
-    report.update(mlflow_report(a.out))
-    a.report.write_text(json.dumps(report, indent=1))
-
-
-def mlflow_report(out: Path) -> dict:
-    """What the run's own MLflow store holds (sqlite in its output directory): run ids, the GRPO steps with a
-    reward/mean, faults/learner_restarts."""
-    from mlflow.tracking import MlflowClient
-
-    from sari_ray.engines.tracking import default_tracking_uri
-
-    client = MlflowClient(default_tracking_uri(out))
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    found = {"mlflow_run_ids": [r.info.run_id for r in runs], "mlflow_status": [r.info.status for r in runs]}
-    if len(runs) == 1:
-        run_id = runs[0].info.run_id
-        found["reward_steps"] = sorted(m.step for m in client.get_metric_history(run_id, "reward/mean"))
-        found["learner_restarts"] = [m.value for m in client.get_metric_history(run_id, "faults/learner_restarts")]
-    return found
+    write_report(a.report, report, log, a.out, {"learner_restarts": "faults/learner_restarts"})
 
 
 if __name__ == "__main__":

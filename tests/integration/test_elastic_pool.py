@@ -12,17 +12,15 @@ No process of a run is left in its namespace afterwards.
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.integration.elastic_pool_scenario import STEPS, elastic_run_overrides
-from tests.integration.multinode import REPO, NamespacedScript, why_no_namespace
+from tests.integration.multinode import REPO, run_scenario, why_no_namespace
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(why_no_namespace() is not None, reason=str(why_no_namespace()))]
@@ -40,22 +38,8 @@ def fixed_pool_run(tmp_path_factory, tiny_qwen2_audio, synth_data) -> Path:
     return out
 
 
-def run_scenario(tmp_path, model, data, *flags: str) -> dict:
-    """elastic_pool_scenario.py in a fresh network namespace; its report, with the seconds it took and what was
-    left in the namespace."""
-    t0 = time.monotonic()
-    script = NamespacedScript("tests.integration.elastic_pool_scenario",
-                              ["--model", str(model), "--data", str(data), "--out", str(tmp_path / "run"),
-                               "--report", str(tmp_path / "report.json"), *flags], tmp_path / "script.log")
-    rc = script.wait(1200)
-    left = script.left_after(30)
-    driver_log = tmp_path / "run-driver.log"
-    assert rc == 0, ((tmp_path / "script.log").read_text()[-3000:] + "\n--- driver:\n"
-                     + (driver_log.read_text()[-3000:] if driver_log.exists() else "(not started)"))
-    report = json.loads((tmp_path / "report.json").read_text())
-    report["left"], report["seconds"] = left, time.monotonic() - t0
-    print({k: v for k, v in report.items() if k != "log_tail"})
-    return report
+def run_elastic(tmp_path, model, data, *flags: str) -> dict:
+    return run_scenario("tests.integration.elastic_pool_scenario", tmp_path, model, data, *flags)
 
 
 def runs_of(values: list[tuple[int, float]]) -> list[float]:
@@ -88,7 +72,7 @@ def assert_same_as_fixed_pool(run: Path, reference: Path) -> None:
 @pytest.mark.parametrize("backend", ["object_store", "collective"])
 def test_the_pool_grows_when_a_node_joins_and_shrinks_when_it_is_lost(backend, fixed_pool_run, tmp_path,
                                                                        tiny_qwen2_audio, synth_data):
-    r = run_scenario(tmp_path, tiny_qwen2_audio, synth_data, f"learner.sync_backend={backend}")
+    r = run_elastic(tmp_path, tiny_qwen2_audio, synth_data, f"learner.sync_backend={backend}")
     text = (tmp_path / "run-driver.log").read_text()
     assert r["exit_code"] == 0, r["log_tail"]
     assert runs_of(r["workers"]) == [1, 2, 1], r["workers"]
@@ -109,7 +93,7 @@ def test_the_pool_grows_when_a_node_joins_and_shrinks_when_it_is_lost(backend, f
 def test_losing_the_only_rollout_node_is_an_error_naming_what_is_missing(tmp_path, tiny_qwen2_audio, synth_data):
     from sari_ray.checkpoints import latest_checkpoint
 
-    r = run_scenario(tmp_path, tiny_qwen2_audio, synth_data, "--lose-only", "--resource-wait", "20")
+    r = run_elastic(tmp_path, tiny_qwen2_audio, synth_data, "--lose-only", "--resource-wait", "20")
     text = (tmp_path / "run-driver.log").read_text()
     error = [line for line in text.splitlines() if line.startswith("error: ")]
     assert r["exit_code"] == 2, r["log_tail"]
