@@ -84,7 +84,7 @@ class RolloutGroup(ActorGroup):
         self.names = list(range(len(actors)))  # each worker's number, for life
         self.next_name = len(actors)
         self.restarts = {name: 0 for name in self.names}
-        self.min_workers = len(actors) if min_workers is None else min_workers
+        self.min_workers = max(1, len(actors) if min_workers is None else min_workers)  # never an empty pool
         self.max_workers = len(actors) if max_workers is None else max_workers
         self.start_worker, self.resource_wait_s, self.on_pool_change = start_worker, resource_wait_s, on_pool_change
         self.worker_resources = {k: v for k, v in (worker_resources or {}).items() if v}
@@ -92,7 +92,6 @@ class RolloutGroup(ActorGroup):
         self.nodes: dict[int, str] = {}  # worker name -> the node it runs on (known once it answered)
         self.first_results: dict[int, float] = {}  # a joiner's start time, until its first completions
         self.join_seconds: list[float] = []  # a joiner's time from being asked for to its first completions
-        self.node_losses = 0
         self.synced_version: int | None = None  # the version of the last sync (None: none yet, base model)
         # the buckets of the last versions, kept alive so that a shard sent under one of them and re-issued after
         # a restart runs on the same weights as before (rollout.max_staleness + 1 versions; the object store pays).
@@ -227,10 +226,8 @@ class RolloutGroup(ActorGroup):
         return [out[i] for i, _ in pending.calls if i in out]
 
     def _move(self, pending: PendingCalls, shard: int, version: int | None, behind: set[int]) -> None:
-        """A lost worker's shard to a survivor (the pool refilled first if it fell below min_workers), on the
-        weights the shard was sent under."""
-        if len(self) < max(1, self.min_workers):
-            self._refill()
+        """A lost worker's shard to a survivor (`_drop` kept at least min_workers), on the weights the shard was
+        sent under."""
         survivor = self.names[shard % len(self.names)]
         pending.owner[shard] = survivor
         if version is not None and version != self.version and version in self.recent_weights:
@@ -329,11 +326,14 @@ class RolloutGroup(ActorGroup):
         alive = alive_nodes()
         for name in [n for n in self.names if self.nodes.get(n) not in (None, *alive)]:
             self._drop(name, f"its node {self.nodes[name][:12]} left the cluster", time.monotonic())
-        for joiner in [j for j in self.joining if ray.wait([j.ready], timeout=0)[0]]:
-            self._admit(joiner)
+        self._admit_ready()
         self._grow()
         if len(self) < self.min_workers:
             self._refill()
+
+    def _admit_ready(self) -> None:
+        for joiner in [j for j in self.joining if ray.wait([j.ready], timeout=0)[0]]:
+            self._admit(joiner)
 
     def _grow(self) -> int:
         """Start as many workers as the cluster has room for and max_workers allows; returns how many."""
@@ -392,10 +392,9 @@ class RolloutGroup(ActorGroup):
             ray.kill(actor, no_restart=True)
         except Exception:  # noqa: BLE001 - already gone
             pass
-        self.node_losses += 1
         self.sync_group_stale = True
         self.on_pool_change(PoolEvent("leave", name, time.monotonic() - t0, cause, len(self)))
-        if len(self) < max(1, self.min_workers):
+        if len(self) < self.min_workers:
             self._refill()
 
     def _refill(self) -> None:
@@ -404,12 +403,10 @@ class RolloutGroup(ActorGroup):
         import time
 
         deadline = time.monotonic() + self.resource_wait_s
-        while len(self) < max(1, self.min_workers):
+        while len(self) < self.min_workers:
             self._grow()
-            ready = [j for j in self.joining if ray.wait([j.ready], timeout=0)[0]]
-            for joiner in ready:
-                self._admit(joiner)
-            if len(self) >= max(1, self.min_workers):
+            self._admit_ready()
+            if len(self) >= self.min_workers:
                 return
             if time.monotonic() > deadline:
                 free = ray.available_resources()

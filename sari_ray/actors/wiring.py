@@ -173,7 +173,7 @@ def ask_autoscaler_for_rollout_pool(cfg) -> None:
     """On an autoscaling cluster (KubeRay with enableInTreeAutoscaling), ask for room for rollout.max_workers
     workers and the learners, so rollout pods are added up to the pool's ceiling (`request_resources` is a
     standing request: it replaces any earlier one). Without an autoscaler it is only recorded."""
-    low, high = rollout_pool_bounds(cfg)
+    high = rollout_pool_bounds(cfg)[1]
     if high <= cfg.rollout.num_workers:
         return
     from ray.autoscaler.sdk import request_resources
