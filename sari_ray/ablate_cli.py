@@ -155,10 +155,10 @@ def has_checkpoints(path: Path) -> bool:
 
 def plan_runs(config: str, arms: list[Arm], seeds: list[int], out: Path, overrides: list[str],
               tracking_uri: str, parent_run_id: str | None) -> list[RunSpec]:
-    """Every (arm, seed) in order: arm by arm, seed by seed."""
+    """Every (arm, seed), seed by seed: an ablation stopped midway has every arm at its first seeds."""
     runs = []
-    for arm in arms:
-        for seed in seeds:
+    for seed in seeds:
+        for arm in arms:
             path = run_dir(out, arm.name, seed)
             mine = [f"run.seed={seed}", f"run.output_dir={path}", f"run.name={arm.name}-seed{seed}",
                     f"run.resume={str(has_checkpoints(path)).lower()}", f"tracking.tracking_uri={tracking_uri}"]

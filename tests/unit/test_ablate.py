@@ -267,15 +267,15 @@ def test_finished_runs_are_skipped_and_a_stopped_one_resumes(tmp_path, fake_trai
             "grpo.steps=4", "eval.every=2"]
     assert main(argv) == 0
     ran = [(c["run.name"], c["run.resume"]) for c in calls]
-    assert ran == [("base-seed1", "true"), ("shuffled-seed0", "false"), ("shuffled-seed1", "false")]
+    assert ran == [("shuffled-seed0", "false"), ("base-seed1", "true"), ("shuffled-seed1", "false")]  # seed by seed
     assert all(c["grpo.steps"] == "4" and c["tracking.parent_run_id"] == "parent123" for c in calls)
-    assert calls[1]["configs"] == [DEMO, SHUFFLED]
+    assert calls[0]["configs"] == [DEMO, SHUFFLED]
     assert calls[0]["tracking.tracking_uri"] == f"sqlite:///{out.resolve() / 'mlflow.db'}"  # one store for all
     assert "[1/4] arm base, seed 0: finished earlier, skipped" in capsys.readouterr().out
     summary = json.loads((out / "ablation.json").read_text())
     diff = summary["arms"]["shuffled"]["diff_to_baseline"]["overall"]
     assert diff["diff"] == pytest.approx(0.5)  # on the items: "b" is right only in shuffled
-    assert [r["mlflow_run_id"] for r in summary["runs"]] == ["run-base-0", "run-base-1", "run-shuffled-0",
+    assert [r["mlflow_run_id"] for r in summary["runs"]] == ["run-base-0", "run-shuffled-0", "run-base-1",
                                                              "run-shuffled-1"]
     assert (out / "ablation.md").is_file() and (out / "ablation.png").is_file()
     assert parent.status == "FINISHED" and parent.artifacts == ["ablation.json", "ablation.md", "ablation.png"]
