@@ -5,9 +5,15 @@
 Steps (each says ok, skipped with the reason, or failed): the GPU profile's packages import together; CUDA is
 there; the filled-frames encoder patch matches the installed vLLM; `sari-ray plan` of the flagship config on
 this GPU; `bench learner-step` at the 7B shape, its peak memory against the plan's arithmetic for the same
-batch; `bench sync` at the 7B shape (GB/s). Not written yet: the tiny flagship config on CUDA (vLLM GPU
-engine, DeepSpeed over NCCL, ZeRO-3, a few GRPO steps), said as skipped. On a machine without CUDA the GPU
-steps are skipped, each saying so. Prints one table, then one JSON line.
+batch; the tiny flagship config on CUDA (`sari-ray train` of the flagship with configs/overlays/tiny_cpu.yaml
+moved to the GPUs: vLLM's GPU engine, DeepSpeed ZeRO-3 in bf16, the NCCL weight broadcast, a few GRPO steps);
+`bench sync` at the 7B shape (GB/s). On a machine without CUDA the GPU steps are skipped, each saying so.
+Prints one table, then one JSON line.
+
+The tiny flagship takes what the box has: with 2 or more GPUs the engine gets one and up to two learner ranks
+one each, synced by the flagship's NCCL broadcast; with one GPU the engine and a single learner rank share it
+(half a GPU each in Ray's accounting) and sync through the object store, since NCCL refuses two ranks of one
+group on one device.
 """
 from __future__ import annotations
 
@@ -19,6 +25,9 @@ from typing import Any, Callable
 
 PACKAGES = ("torch", "torchaudio", "transformers", "vllm", "deepspeed", "ray")
 FLAGSHIP = Path(__file__).resolve().parent.parent / "configs" / "sari_qwen2_audio_7b.yaml"
+TINY_OVERLAY = FLAGSHIP.parent / "overlays" / "tiny_cpu.yaml"
+TINY_GRPO_STEPS = 3
+TINY_TIMEOUT_S = 300.0  # Ray start, a tiny model built, vLLM's CUDA engine (eager), SFT and 3 GRPO steps
 BUDGET_S = 600.0
 # bench learner-step's batch for the check: one clip, 4 completions, 10 s audio, 256 tokens, checkpointing
 BENCH = dict(prompts=1, num_generations=4, prompt_text_len=64, completion_len=256, audio_seconds=10.0)
@@ -136,6 +145,58 @@ def check_sync(cuda: dict | None) -> dict[str, Any]:
                 + ("" if cuda["count"] >= 2 else "; collective skipped (NCCL needs 2 GPUs)"), gb_per_s=rates)
 
 
+def tiny_flagship_overrides(gpus: int) -> list[str]:
+    """key=value moving the tiny flagship (FLAGSHIP + TINY_OVERLAY) onto `gpus` CUDA devices (see the docstring)."""
+    if gpus < 1:
+        raise ValueError("the tiny flagship on CUDA needs a GPU")
+    common = ["run.device=cuda", f"grpo.steps={TINY_GRPO_STEPS}", "rollout.kv_cache_memory_gb=1",
+              "rollout.gpu_memory_utilization=0.3", "cluster.torch_threads_per_actor=null", "cluster.num_cpus=null"]
+    if gpus == 1:
+        return [*common, "learner.num_workers=1", "learner.num_gpus_per_worker=0.5",
+                "rollout.num_gpus_per_worker=0.5", "learner.sync_backend=object_store"]
+    return [*common, f"learner.num_workers={min(2, gpus - 1)}", "learner.num_gpus_per_worker=1",
+            "rollout.num_gpus_per_worker=1", "learner.sync_backend=collective"]
+
+
+def check_tiny_flagship(cuda: dict | None, timeout_s: float = TINY_TIMEOUT_S) -> dict[str, Any]:
+    """`sari-ray train` of the tiny flagship on CUDA, in a scratch directory (its model, data and run)."""
+    name = "tiny flagship on CUDA"
+    if not cuda:
+        return step(name, "skipped", "no CUDA device")
+    import subprocess
+    import sys
+    import tempfile
+
+    overrides = tiny_flagship_overrides(cuda["count"])
+    with tempfile.TemporaryDirectory(prefix="sari-check-gpu-") as scratch:
+        cmd = [sys.executable, "-m", "sari_ray.cli", "train", str(FLAGSHIP), str(TINY_OVERLAY), *overrides,
+               f"run.output_dir={scratch}/run"]
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.run(cmd, cwd=scratch, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return step(name, "failed", f"not done within {timeout_s:.0f} s: {' '.join(cmd[3:])}")
+        seconds = time.monotonic() - t0
+        if proc.returncode != 0:
+            tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+            return step(name, "failed", f"exit {proc.returncode} after {seconds:.0f} s: {' | '.join(tail)[-400:]}")
+        return tiny_flagship_result(name, json.loads((Path(scratch) / "run" / "summary.json").read_text()),
+                                    overrides, seconds)
+
+
+def tiny_flagship_result(name: str, summary: dict, overrides: list[str], seconds: float) -> dict[str, Any]:
+    """ok when every GRPO step ran; the figures from the run's summary.json."""
+    backend = next(o.split("=", 1)[1] for o in overrides if o.startswith("learner.sync_backend="))
+    learners = next(o.split("=", 1)[1] for o in overrides if o.startswith("learner.num_workers="))
+    done = summary.get("grpo_steps") == TINY_GRPO_STEPS
+    return step(name, "ok" if done else "failed",
+                f"{summary.get('grpo_steps')} of {TINY_GRPO_STEPS} GRPO steps with {learners} learner rank(s), "
+                f"{backend} sync ({summary.get('sync_seconds', 0.0):.2f} s per sync), "
+                f"{summary.get('completions_per_s', 0.0):.0f} completions/s; {seconds:.0f} s in all",
+                seconds=seconds, sync_backend=backend, grpo_steps=summary.get("grpo_steps"),
+                completions_per_s=summary.get("completions_per_s"), sync_seconds=summary.get("sync_seconds"))
+
+
 def run_checks(packages=PACKAGES, budget_s: float = BUDGET_S) -> list[dict[str, Any]]:
     """Every step in order; a step that raises is `failed` with its error, and the rest still run while the
     budget lasts (a step started after it is spent is skipped, saying so)."""
@@ -147,6 +208,7 @@ def run_checks(packages=PACKAGES, budget_s: float = BUDGET_S) -> list[dict[str, 
     steps: list[tuple[str, Callable[[], dict]]] = [
         ("filled-frames patch", check_patch),
         ("plan (flagship, KubeRay pods)", lambda: check_plan(cuda["memory_gib"] if cuda else None)),
+        ("tiny flagship on CUDA", lambda: check_tiny_flagship(cuda)),
         ("bench learner-step 7B", lambda: check_learner_step(cuda)),
         ("bench sync", lambda: check_sync(cuda)),
     ]
@@ -159,8 +221,6 @@ def run_checks(packages=PACKAGES, budget_s: float = BUDGET_S) -> list[dict[str, 
         except Exception as err:  # noqa: BLE001 - report and go on
             first = str(err).splitlines()[0] if str(err) else ""
             results.append(step(name, "failed", f"{type(err).__name__}: {first}"))
-    results.append(step("tiny flagship on CUDA (vLLM, DeepSpeed NCCL, ZeRO-3)", "skipped",
-                        "not written yet" if cuda else "no CUDA device"))
     return results
 
 
