@@ -124,9 +124,11 @@ class RolloutGroup(ActorGroup):
     def receive_weights_refs(self, plan: list, version: int) -> list:
         """Collective sync: every worker receives the buckets `plan` lays out, by broadcast from learner rank 0,
         as `version` (`actors.weight_sync` waits on these with the broadcast). No buckets are kept for workers
-        restarted later: they get a fresh export (`export_refs`)."""
+        restarted later: they get a fresh export (`export_refs`). Buckets kept from a broadcast that fell back to
+        the object store are dropped too: the rollouts sent under them were collected before this broadcast, so
+        no shard can be re-run on them, and 7B buckets left pinned would hold the learner's object store."""
         self.synced_version = version
-        self.recent_weights.pop(version, None)  # a re-delivered version: these weights, not older buckets
+        self.recent_weights.clear()
         return [actor.receive_weights.remote(plan, version) for actor in self.actors]
 
     def finish_loads(self) -> list[dict]:

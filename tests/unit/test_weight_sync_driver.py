@@ -217,7 +217,11 @@ def test_a_restarted_worker_after_a_collective_sync_gets_a_fresh_export(monkeypa
     log = []
     group = rollout_group_lib.RolloutGroup([FakeWorker(log, 0, 1)], max_restarts=1, ready_timeout_s=1)
     group.export_refs = lambda: log.append("export") or ["fresh"]
-    group.receive_weights_refs([], 7)  # the last sync was a broadcast: no buckets kept
+    group.load_weights(["fallback"], 6, wait=False)  # a broadcast redone through the object store keeps its buckets
+    assert group.recent_weights == {6: ["fallback"]}
+    log.clear()
+    group.receive_weights_refs([], 7)  # ... until the next broadcast: no buckets kept
+    assert group.recent_weights == {}
     group._reload(0, group.version)
     assert log[-2:] == ["export", ("load", 0, ("fresh",), 7)] and group.sync_group_stale
     log.clear()
