@@ -292,8 +292,10 @@ def build_plan(cfg, shape: ModelShape, capacity: Capacity, *, params: dict[str, 
                 c.level = "warn"
     notes = []
     if lrn.sync_backend == "collective" and r.max_staleness > 0:
-        notes.append("collective sync with rollout.max_staleness > 0: each broadcast waits for the engines' "
-                     "in-flight generation (a barrier), so the sync serialises with generation")
+        notes.append(f"collective sync with rollout.max_staleness > 0: each broadcast waits for the engines' "
+                     f"in-flight generation (a barrier), so the sync serialises with generation: a step takes "
+                     f"about max(learn, generate) + the broadcast (~{sync['seconds']:.1f} s here); the object store "
+                     f"overlaps its transfer instead but keeps {r.max_staleness + 1} versions")
     if not lrn.train_audio_encoder:
         notes.append(f"frozen audio encoder: the first sync ships {gib(engine_params * b)}, later ones "
                      f"{gib(sync_bytes)}")

