@@ -99,13 +99,14 @@ class InFlight:
 
 
 def run_concurrently(pending: list[tuple[str, Any]], launch: Callable[[Any], Any], at_once: int, stop,
-                     poll_s: float = POLL_S, stop_wait_s: float | None = None) -> list[dict[str, Any]]:
+                     poll_s: float | None = None, stop_wait_s: float | None = None) -> list[dict[str, Any]]:
     """Start the `(label, run)`s in order, at most `at_once` in flight, the next as soon as one ends; a run that
     fails is reported and the others go on (returns the failures, as `train_all` does). A stop (`stop.requested`
     set by StopOnSignal) passes SIGTERM to every run in flight, waits for them to checkpoint and exit, and raises
     Interrupted; a second stop (KeyboardInterrupt) passes it again and kills what is left after KILL_AFTER_S."""
     from sari_ray.stopping import Interrupted
 
+    poll_s = POLL_S if poll_s is None else poll_s
     todo, running, failed = list(pending), [], []
     try:
         while todo or running:
@@ -181,10 +182,11 @@ def runs_the_cluster_holds(cfgs: list, address: str, max_concurrent: int | None)
 
 
 def train_on_cluster(pending: list[tuple[str, Any]], address: str, at_once: int,
-                     launch: Callable[[Any, str], Any] = launch_train) -> list[dict[str, Any]]:
+                     launch: Callable[[Any, str], Any] | None = None) -> list[dict[str, Any]]:
     """The pending `(label, run)`s as Ray jobs on the cluster at `address`, `at_once` at a time, stopped together
-    on SIGINT / SIGTERM."""
+    on SIGINT / SIGTERM. `launch(run, address)`: starts one (default `launch_train`)."""
     from sari_ray.stopping import StopOnSignal
 
+    launch = launch or launch_train
     with StopOnSignal() as stop:
         return run_concurrently(pending, lambda run: launch(run, address), at_once, stop)
