@@ -99,11 +99,12 @@ class InFlight:
 
 
 def run_concurrently(pending: list[tuple[str, Any]], launch: Callable[[Any], Any], at_once: int, stop,
-                     poll_s: float | None = None, stop_wait_s: float | None = None) -> list[dict[str, Any]]:
+                     poll_s: float | None = None) -> list[dict[str, Any]]:
     """Start the `(label, run)`s in order, at most `at_once` in flight, the next as soon as one ends; a run that
     fails is reported and the others go on (returns the failures, as `train_all` does). A stop (`stop.requested`
-    set by StopOnSignal) passes SIGTERM to every run in flight, waits for them to checkpoint and exit, and raises
-    Interrupted; a second stop (KeyboardInterrupt) passes it again and kills what is left after KILL_AFTER_S."""
+    set by StopOnSignal) passes SIGTERM to every run in flight, waits for them to checkpoint and exit (as long as
+    that takes), and raises Interrupted; a second stop (KeyboardInterrupt) passes SIGTERM again, which stops them
+    at once, and kills what is left after KILL_AFTER_S."""
     from sari_ray.stopping import Interrupted
 
     poll_s = POLL_S if poll_s is None else poll_s
@@ -114,7 +115,7 @@ def run_concurrently(pending: list[tuple[str, Any]], launch: Callable[[Any], Any
                 print(f"ablate: {stop.requested}: stopping {len(running)} run(s) in flight (each checkpoints the "
                       f"step it is on); again to stop them at once", file=sys.stderr, flush=True)
                 _signal_all(running)
-                _wait_all(running, failed, stop_wait_s)
+                _wait_all(running, failed)
                 raise Interrupted(f"ablation stopped ({stop.requested}); {len(todo)} run(s) not started")
             while todo and len(running) < at_once:
                 label, run = todo.pop(0)
@@ -125,12 +126,14 @@ def run_concurrently(pending: list[tuple[str, Any]], launch: Callable[[Any], Any
             time.sleep(poll_s)
     except BaseException:  # a second signal (KeyboardInterrupt), or a bug here: no run is left behind
         _signal_all(running)  # a run's second SIGTERM: it stops at once
-        _wait_all(running, failed, KILL_AFTER_S, kill=True)
+        _wait_all(running, failed, kill_after_s=KILL_AFTER_S)
         raise
     return failed
 
 
-def _collect_ended(running: list[InFlight], failed: list[dict]) -> None:
+def _collect_ended(running: list[InFlight], failed: list[dict], stopping: bool = False) -> None:
+    """Each run that has exited: said, and a failure recorded (exit 130 is one only when the ablation is not
+    stopping: something else stopped that run)."""
     for job in list(running):
         code = job.proc.poll()
         if code is None:
@@ -139,7 +142,7 @@ def _collect_ended(running: list[InFlight], failed: list[dict]) -> None:
         seconds = time.monotonic() - job.t0
         if code == 0:
             print(f"{job.label}: done in {seconds:.0f} s", flush=True)
-        elif code == 130:
+        elif code == 130 and stopping:
             print(f"{job.label}: stopped after {seconds:.0f} s (checkpointed; a rerun resumes it)", file=sys.stderr)
         else:
             reason = failure_reason(job.run, code)
@@ -153,14 +156,12 @@ def _signal_all(running: list[InFlight]) -> None:
             job.proc.terminate()
 
 
-def _wait_all(running: list[InFlight], failed: list[dict], seconds: float | None, kill: bool = False) -> None:
-    """Until every run in flight has exited (at most `seconds`; then SIGKILL if `kill`), each reported."""
-    deadline = None if seconds is None else time.monotonic() + seconds
+def _wait_all(running: list[InFlight], failed: list[dict], kill_after_s: float | None = None) -> None:
+    """Until every run in flight has exited, each reported; those left after `kill_after_s` are SIGKILLed."""
+    deadline = None if kill_after_s is None else time.monotonic() + kill_after_s
     while running:
-        _collect_ended(running, failed)
+        _collect_ended(running, failed, stopping=True)
         if running and deadline is not None and time.monotonic() >= deadline:
-            if not kill:
-                return
             for job in running:
                 print(f"{job.label}: killed", file=sys.stderr)
                 job.proc.kill()

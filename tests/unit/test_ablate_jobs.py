@@ -105,14 +105,15 @@ def pending(tmp_path, names):
 
 
 def test_at_most_n_at_once_the_next_as_one_ends_and_a_failure_lets_the_others_go_on(tmp_path, capsys):
-    board = Board(polls={"a0": 1, "b0": 5, "c0": 1, "d0": 1, "e0": 1}, codes={"c0": 1})
+    board = Board(polls={"a0": 1, "b0": 5, "c0": 1, "d0": 1, "e0": 1}, codes={"c0": 1, "e0": 130})
     failed = run_concurrently(pending(tmp_path, ["a0", "b0", "c0", "d0", "e0"]), board.launch, 2, Stop(), poll_s=0)
     assert board.most == 2
     assert [name for name, _, _ in board.started] == ["a0", "b0", "c0", "d0", "e0"]  # in the given order
     assert board.started[2] == ("c0", "false", ["a0"])  # c0 took a0's place as soon as a0 ended, b0 still running
     assert sorted(board.ended) == ["a0", "b0", "c0", "d0", "e0"]
-    assert failed == [{"arm": "c", "seed": 0, "dir": str(tmp_path / "c0"),
-                       "error": f"exit 1: error: engine died; see {tmp_path / 'c0' / 'console.log'}"}]
+    assert failed[0] == {"arm": "c", "seed": 0, "dir": str(tmp_path / "c0"),
+                         "error": f"exit 1: error: engine died; see {tmp_path / 'c0' / 'console.log'}"}
+    assert [f["error"][:8] for f in failed] == ["exit 1: ", "exit 130"]  # stopped by something else: a failure
     out, err = capsys.readouterr()
     assert "[1/5] a 0: training as a Ray job into" in out and "[1/5] a 0: done in 0 s" in out
     assert "[3/5] c 0: FAILED after 0 s: exit 1: error: engine died" in err
