@@ -1,12 +1,17 @@
-"""`sari-ray ablate CONFIG --arm NAME=OVERLAY[,OVERLAY...] ... --seeds 0 1 2 --out DIR [key=value ...]`: every arm
-with every seed, as `sari-ray train CONFIG OVERLAY... key=value... run.seed=S` would run it, one after another in
-this process, into DIR/runs/ARM/seedS/; then DIR/ablation.json, ablation.md and ablation.png (the statistics:
-sari_ray/ablation.py).
+"""`sari-ray ablate CONFIG --arm NAME=OVERLAY[,OVERLAY...] ... --seeds 0 1 2 --out DIR [--max-concurrent N]
+[key=value ...]`: every arm with every seed, as `sari-ray train CONFIG OVERLAY... key=value... run.seed=S` would run
+it, into DIR/runs/ARM/seedS/; then DIR/ablation.json, ablation.md and ablation.png (the statistics:
+sari_ray/ablation.py). Runs are started seed by seed.
+
+Locally: one after another in this process, each with its own local Ray cluster. On a cluster (cluster.address or
+RAY_ADDRESS): each run its own Ray job (a `sari-ray train` driver process attached to the cluster, its output in
+the run directory's console.log), as many at once as the cluster's resources hold, at most --max-concurrent
+(sari_ray/ablate_jobs.py).
 
 Resumable: a run whose directory holds its summary.json and held_out.json is skipped; one stopped midway continues
 from its last checkpoint (run.resume=true); a run directory made with another config is refused. All runs log to
-one MLflow store, each as one run nested under the ablation's parent run. On a cluster (cluster.address or
-RAY_ADDRESS) the runs attach to it, still one after another: concurrent Ray jobs are not implemented.
+one MLflow store, each as one run nested under the ablation's parent run. A stop (Ctrl-C, SIGTERM) stops the runs
+in flight at a checkpoint and marks the parent run KILLED.
 """
 from __future__ import annotations
 
@@ -43,9 +48,10 @@ class RunSpec:
 def register_cli(subparsers) -> None:
     p = subparsers.add_parser(
         "ablate", help="train every arm (config overlays) with every seed and compare them with 95%% CIs",
-        description="Train every arm (CONFIG plus the arm's overlays) with every seed, one run after another, and "
-                    "compare the arms with 95% intervals: DIR/ablation.json, ablation.md, ablation.png. A rerun "
-                    "skips finished runs and resumes a stopped one.")
+        description="Train every arm (CONFIG plus the arm's overlays) with every seed and compare the arms with 95% "
+                    "intervals: DIR/ablation.json, ablation.md, ablation.png. Locally the runs train one after "
+                    "another; on a Ray cluster (cluster.address or RAY_ADDRESS) each run is its own Ray job, as many "
+                    "at once as the cluster's resources hold. A rerun skips finished runs and resumes a stopped one.")
     p.add_argument("config", metavar="CONFIG.yaml", help="the base config every arm starts from")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides for every run (after the arm's overlays), e.g. grpo.steps=30 eval.every=5; "
@@ -58,6 +64,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="ablation directory (runs/, ablation.json, .md, .png)")
     p.add_argument("--threshold", type=float, default=None,
                    help="held-out accuracy of the hardest tier that `steps to threshold` waits for (default 0.8)")
+    p.add_argument("--max-concurrent", type=int, default=None, metavar="N",
+                   help="on a Ray cluster: at most N runs at once (default: as many as the cluster's resources hold; "
+                        "1: one after another); without a cluster the runs always train one after another")
     p.set_defaults(func=lambda a: ablate_command(a), trailing_overrides=True)
 
 
@@ -96,7 +105,7 @@ def check_overrides(overrides: list[str]) -> list[str]:
         key, sep, _ = item.partition("=")
         if not sep or item.startswith("-"):
             raise ValueError(f"unrecognized argument {item!r}: after CONFIG come the options (--arm, --seeds, --out, "
-                             f"--threshold) and key=value overrides")
+                             f"--threshold, --max-concurrent) and key=value overrides")
         if key in SET_BY_ABLATE:
             raise ValueError(f"{item!r}: {key} is set by `sari-ray ablate` for each run ({', '.join(SET_BY_ABLATE)}); "
                              f"choose seeds with --seeds and the directory with --out")
@@ -121,6 +130,18 @@ def check_overrides_keep_arms_apart(arms: list[Arm], overrides: list[str]) -> No
             if clash := sorted(keys & overlay_keys(path)):
                 raise ValueError(f"override(s) {clash} would replace what --arm {arm.name}'s overlay {path} sets "
                                  f"(key=value wins over overlays): put the value in the arms' overlays instead")
+
+
+def check_max_concurrent(max_concurrent: int | None, address: str | None) -> int | None:
+    """--max-concurrent: N >= 1; above 1 only on a cluster (locally the runs share one machine, in this process)."""
+    if max_concurrent is None:
+        return None
+    if max_concurrent < 1:
+        raise ValueError(f"--max-concurrent {max_concurrent}: use N >= 1 (1: one run after another)")
+    if max_concurrent > 1 and not address:
+        raise ValueError(f"--max-concurrent {max_concurrent} needs a Ray cluster (cluster.address or RAY_ADDRESS): "
+                         f"without one the runs train one after another in this process; leave the option out")
+    return max_concurrent
 
 
 def check_seeds(seeds: list[int]) -> list[int]:
@@ -226,6 +247,8 @@ def ablate_command(args) -> int:
         raise FileNotFoundError(f"config file not found: {args.config}")
     out = Path(args.out).resolve()
     base = load_config([args.config], overrides)  # a bad override fails here, before anything is written
+    address = base.cluster.address or os.environ.get("RAY_ADDRESS")
+    max_concurrent = check_max_concurrent(args.max_concurrent, address)
     uri = base.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(out)
     runs = plan_runs(args.config, arms, seeds, out, overrides, uri, None)
     cfgs = [load_config(list(r.configs), list(r.overrides)) for r in runs]  # every run's config checked first
@@ -234,13 +257,16 @@ def ablate_command(args) -> int:
         if differ := config_mismatch(cfg, run.dir):
             raise ValueError(f"{run.dir} holds a run made with another config ({'; '.join(differ[:5])}); use "
                              f"another --out, or remove that directory to run it again")
+    if address:  # how many runs at once, asked before anything is written (none fits: an error naming the resource)
+        from sari_ray.ablate_jobs import runs_the_cluster_holds, train_on_cluster
+
+        todo = [cfg for run, cfg in zip(runs, cfgs) if not is_finished(run.dir)]
+        at_once = runs_the_cluster_holds(todo, address, max_concurrent) if todo else 1
     out.mkdir(parents=True, exist_ok=True)
     parent = open_parent_run(out, base, uri, args, arms, seeds, overrides)
     runs = plan_runs(args.config, arms, seeds, out, overrides, uri, parent.run_id)
-    if base.cluster.address or os.environ.get("RAY_ADDRESS"):
-        print("ablate: attaching each run to the cluster, one run after another (concurrent jobs: not implemented)")
     try:
-        failed = train_all(runs)
+        failed = train_on_cluster(pending_runs(runs), address, at_once) if address else train_all(runs)
     except Interrupted as err:
         parent.finish("KILLED")
         print(f"error: {err}\nablation stopped; rerun the same command to continue (finished runs are skipped)",
@@ -266,18 +292,26 @@ def ablate_command(args) -> int:
     return 1 if failed else 0
 
 
-def train_all(runs: list[RunSpec]) -> list[dict[str, Any]]:
-    """Each run not finished yet, in order; a run that fails is reported and the others go on. A stop (signal,
-    Ctrl-C) ends the ablation: rerun the same command to continue."""
-    from sari_ray.stopping import Interrupted
-    from sari_ray.train import run_training
-
-    failed = []
+def pending_runs(runs: list[RunSpec]) -> list[tuple[str, RunSpec]]:
+    """The runs not finished yet, each with its label (`[2/4] arm base, seed 0`); a finished one is said skipped."""
+    pending = []
     for i, run in enumerate(runs, 1):
         label = f"[{i}/{len(runs)}] arm {run.arm}, seed {run.seed}"
         if is_finished(run.dir):
             print(f"{label}: finished earlier, skipped ({run.dir})")
-            continue
+        else:
+            pending.append((label, run))
+    return pending
+
+
+def train_all(runs: list[RunSpec]) -> list[dict[str, Any]]:
+    """Each run not finished yet, in order, in this process; a run that fails is reported and the others go on. A
+    stop (signal, Ctrl-C) ends the ablation: rerun the same command to continue."""
+    from sari_ray.stopping import Interrupted
+    from sari_ray.train import run_training
+
+    failed = []
+    for label, run in pending_runs(runs):
         print(f"{label}: {'resuming' if has_checkpoints(run.dir) else 'training'} into {run.dir}", flush=True)
         t0 = time.monotonic()
         try:
@@ -298,6 +332,7 @@ def command_line(args, overrides: list[str]) -> str:
     """The command as a user would type it again (ablation.md shows it)."""
     parts = ["sari-ray ablate", args.config, *(f"--arm {a}" for a in args.arm), "--seeds", *map(str, args.seeds),
              "--out", args.out, *(["--threshold", str(args.threshold)] if args.threshold is not None else []),
+             *(["--max-concurrent", str(args.max_concurrent)] if args.max_concurrent is not None else []),
              *overrides]
     return " ".join(parts)
 

@@ -365,13 +365,14 @@ def worker_resources(group: DictConfig) -> dict[str, float]:
     return {name: float(amount) for name, amount in amounts.items() if amount}
 
 
-def actor_resources(cfg: DictConfig) -> dict[str, float]:
+def actor_resources(cfg: DictConfig, rollout_workers: int | None = None) -> dict[str, float]:
     """What all actors together ask Ray for: CPU, GPU and the groups' custom resources (the local cluster is
-    started with them; an existing cluster must offer them)."""
+    started with them; an existing cluster must offer them). `rollout_workers`: count that many rollout workers
+    instead of rollout.num_workers (`sari-ray ablate` counts the pool at its rollout.max_workers)."""
     need: dict[str, float] = {}
-    for group in (cfg.rollout, cfg.learner):
+    for group, count in ((cfg.rollout, rollout_workers), (cfg.learner, None)):
         for name, amount in worker_resources(group).items():
-            need[name] = need.get(name, 0.0) + amount * group.num_workers
+            need[name] = need.get(name, 0.0) + amount * (group.num_workers if count is None else count)
     return need
 
 
