@@ -1,7 +1,9 @@
 """`sari-ray bench pipeline`: the same short GRPO run twice on this machine, synchronous (rollout.max_staleness=0)
 then asynchronous (1): their throughput per wall-second of a whole step, and the peak memory (PSS) of each run.
 `--compare rollout-workers`: one rollout worker against two, asynchronous, at a step where generation dominates
-(16 prompts x 4 completions of up to 128 tokens): what adding a rollout worker buys.
+(16 prompts x 4 completions of up to 128 tokens): what adding a rollout worker buys. `--compare sync-backend`:
+the object-store sync against the collective broadcast, both asynchronous: what the broadcast's barrier (it waits
+for the generation in flight) costs when the transfer itself is small.
 
 Tiny random Qwen2-Audio, synthetic data, no SFT, G=4, 64-token completions, 1 rollout worker + 1 learner with one
 thread each: real Ray, vLLM and DeepSpeed, as `sari-ray train` runs them. Random weights are fine for timing.
@@ -22,6 +24,8 @@ COMPARISONS = {
     "staleness": {"sync": ["rollout.max_staleness=0"], "async": ["rollout.max_staleness=1"]},
     "rollout-workers": {"1 worker": ["rollout.max_staleness=1"],
                         "2 workers": ["rollout.max_staleness=1", "rollout.num_workers=2", "cluster.num_cpus=3"]},
+    "sync-backend": {"object store": ["rollout.max_staleness=1", "learner.sync_backend=object_store"],
+                     "collective": ["rollout.max_staleness=1", "learner.sync_backend=collective"]},
 }
 GENERATION_HEAVY = ["grpo.prompts_per_step=16", "grpo.max_completion_length=128", "rollout.max_model_len=1024"]
 
@@ -101,7 +105,8 @@ def add_parser(kinds) -> None:
     p.add_argument("--workdir", default=None, help="where the model, data and runs go (default: a temp dir)")
     p.add_argument("--compare", choices=sorted(COMPARISONS), default="staleness",
                    help="staleness: synchronous vs asynchronous; rollout-workers: 1 vs 2 rollout workers "
-                        "(asynchronous, generation-heavy steps)")
+                        "(asynchronous, generation-heavy steps); sync-backend: object store vs collective "
+                        "(asynchronous)")
     p.add_argument("--json", action="store_true", help="last line: the figures as one JSON object")
     p.add_argument("overrides", nargs="*", help="extra config overrides (key=value) for both runs")
     p.set_defaults(func=_run)
@@ -114,7 +119,7 @@ def _run(args: argparse.Namespace) -> int:
     for mode in COMPARISONS[args.compare]:
         r = result[mode]
         phases = ", ".join(f"{k} {v:.2f}" for k, v in r["phases"].items())
-        print(f"{mode:9s}: {r['step_s']:.2f} s/step, {r['completions_per_s']:.1f} completions/s, "
+        print(f"{mode:12s}: {r['step_s']:.2f} s/step, {r['completions_per_s']:.1f} completions/s, "
               f"{r['tokens_per_s']:.0f} tokens/s, rollout busy {r['rollout_busy_frac']:.0%}, "
               f"learner busy {r['learner_busy_frac']:.0%}, peak memory {r['peak_pss_gib']:.2f} GiB PSS "
               f"(phases, s: {phases})")
