@@ -194,7 +194,8 @@ class CurriculumConfig:
 class TrackingConfig:
     tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite under run.output_dir
     experiment: str = "sari-ray"  # MLflow experiment name (created if absent)
-    log_every: int = 1  # >= 1; not read yet: metrics are logged every GRPO step whatever its value
+    log_every: int = 1  # >= 1: log every Nth GRPO step's metrics to MLflow (and always the last step and those
+    # that evaluate or promote a tier); summary.json's curve keeps every step either way
     completions_table_every: int = 10  # sample completions logged as an MLflow table
     max_outage_s: float = 120.0  # MLflow unreachable longer than this: queued entries go to <run dir>/mlflow_pending.jsonl
     request_timeout_s: float = 10.0  # one MLflow HTTP request; an unreachable server costs a step at most this once

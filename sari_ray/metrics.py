@@ -75,6 +75,12 @@ def run_summary(state: dict[str, Any], seconds: float, final: dict[str, float],
             "grpo_gain": grpo_gain(state.get("grpo_tiers", []), eval_tier_of, state.get("after_sft_items"), final_items)}
 
 
+def logs_step(step: int, every: int, last_step: int, evaluated: bool, promoted: bool) -> bool:
+    """Whether GRPO step `step`'s metrics go to MLflow (`tracking.log_every`): every `every`-th step, and always
+    the last step and a step that evaluated the held-out set or promoted a tier (those are the curves' points)."""
+    return step % every == 0 or step == last_step or evaluated or promoted
+
+
 def completions_table(step: int, scored: list[tuple]) -> list[dict[str, Any]]:
     """Rows of MLflow's completions table: (sample, completion, score) per row."""
     return [{"step": step, "sample_id": x.id, "tier": x.tier, "answer": x.answer, "completion": c["text"],

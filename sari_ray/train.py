@@ -223,11 +223,13 @@ class Trainer:
             self.console.print(f"[green]step {step}: tier {event['from_tier']} -> {event['to_tier']} "
                                f"(accuracies {event['accuracies']})")
             self._write_curriculum_history()
-        if cfg.eval.every and step % cfg.eval.every == 0:
+        evaluated = bool(cfg.eval.every) and step % cfg.eval.every == 0
+        if evaluated:
             held_out = self.evaluate()[0]
             m.update(held_out)
             self.state["history"].append({"step": step, **held_out})  # the held-out curve (held_out.json)
-        self.tracker.log_metrics(m, step)
+        if metrics_lib.logs_step(step, cfg.tracking.log_every, cfg.grpo.steps, evaluated, promotion is not None):
+            self.tracker.log_metrics(m, step)
         with open(self.out / "batches.jsonl", "a") as f:
             f.write(json.dumps({"step": step, "ids": batch_ids}) + "\n")
         if cfg.tracking.completions_table_every and step % cfg.tracking.completions_table_every == 0:

@@ -105,3 +105,9 @@ def test_step_metrics_log_the_staleness_measured_before_the_sync_and_the_version
     assert m["rollout/staleness_max"] == 1 and m["rollout/staleness_mean"] == 0.5  # as given, not against v6
     assert m["rollout/weight_version"] == 6 and m["sync/bytes"] == 8.0 and m["learn/records"] == 2
     assert m["completion/truncated_frac"] == 0.5 and m["throughput/completions_per_s"] == 1.0
+
+
+def test_log_every_keeps_the_last_step_and_those_that_evaluate_or_promote():
+    logged = [s for s in range(1, 24) if metrics.logs_step(s, 5, 23, evaluated=s % 10 == 0, promoted=s == 7)]
+    assert logged == [5, 7, 10, 15, 20, 23]
+    assert [s for s in range(1, 5) if metrics.logs_step(s, 1, 4, False, False)] == [1, 2, 3, 4]  # the default
