@@ -432,11 +432,12 @@ def _cpu_token_budget_holds_a_prompt(cfg: DictConfig) -> str | None:
     return None
 
 
-def rollout_pool_bounds(cfg: DictConfig) -> tuple[int, int]:
-    """(min_workers, max_workers) of the elastic rollout pool; unset, each is rollout.num_workers."""
+def rollout_pool_bounds(cfg: DictConfig, num_workers: int | None = None) -> tuple[int, int]:
+    """(min_workers, max_workers) of the elastic rollout pool; unset, each is the start, rollout.num_workers (or
+    `num_workers`: `deploy kuberay --rollout-workers` sets the start)."""
     r = cfg.rollout
-    return (r.num_workers if r.min_workers is None else r.min_workers,
-            r.num_workers if r.max_workers is None else r.max_workers)
+    start = r.num_workers if num_workers is None else num_workers
+    return (start if r.min_workers is None else r.min_workers, start if r.max_workers is None else r.max_workers)
 
 
 def _pool_bounds_hold_the_start(cfg: DictConfig) -> str | None:

@@ -31,6 +31,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from sari_ray.config import rollout_pool_bounds
 from sari_ray.deploy import k8s, mlflow_server
 from sari_ray.plan import size_shapes
 from sari_ray.deploy.ray_groups import (DASHBOARD_PORT, DATA_CLAIM, DATA_PATH, TOKEN_KEY, TOKEN_SECRET,
@@ -131,9 +132,7 @@ def ray_cluster_spec(cfg: Any, *, shapes: Shapes, image: str, namespace: str, ro
     """The spec the RayCluster and the RayJob share. Token auth names a Secret the user creates (so the
     long-lived cluster, the RayJob's cluster and `ray job submit` share one token) instead of letting
     KubeRay generate one per cluster."""
-    r = cfg.rollout
-    pool = (rollout_workers if r.min_workers is None else r.min_workers,
-            rollout_workers if r.max_workers is None else r.max_workers)
+    pool = rollout_pool_bounds(cfg, rollout_workers)
     if not pool[0] <= rollout_workers <= pool[1]:
         raise DeployError(f"--rollout-workers {rollout_workers} is outside rollout.min_workers={pool[0]} .. "
                           f"rollout.max_workers={pool[1]} (the elastic pool's bounds): choose a start within them, "
