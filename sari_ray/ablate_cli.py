@@ -233,7 +233,7 @@ def load_runs(runs: list[RunSpec]) -> dict[str, dict[int, dict]]:
 # ------------------------------------------------------------------------------------------------ command
 def ablate_command(args) -> int:
     from sari_ray.ablation import DEFAULT_THRESHOLD
-    from sari_ray.config import load_config
+    from sari_ray.config import cluster_address, load_config
     from sari_ray.engines.tracking import default_tracking_uri
     from sari_ray.stopping import Interrupted
 
@@ -247,7 +247,7 @@ def ablate_command(args) -> int:
         raise FileNotFoundError(f"config file not found: {args.config}")
     out = Path(args.out).resolve()
     base = load_config([args.config], overrides)  # a bad override fails here, before anything is written
-    address = base.cluster.address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(base)
     max_concurrent = check_max_concurrent(args.max_concurrent, address)
     uri = base.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(out)
     runs = plan_runs(args.config, arms, seeds, out, overrides, uri, None)

@@ -432,6 +432,14 @@ def _cpu_token_budget_holds_a_prompt(cfg: DictConfig) -> str | None:
     return None
 
 
+def cluster_address(cfg: DictConfig) -> str | None:
+    """The Ray cluster a run attaches to: cluster.address, else RAY_ADDRESS (set inside a submitted job); None: it
+    starts a local one."""
+    import os
+
+    return cfg.cluster.address or os.environ.get("RAY_ADDRESS") or None
+
+
 def rollout_pool_bounds(cfg: DictConfig, num_workers: int | None = None) -> tuple[int, int]:
     """(min_workers, max_workers) of the elastic rollout pool; unset, each is the start, rollout.num_workers (or
     `num_workers`: `deploy kuberay --rollout-workers` sets the start)."""

@@ -14,7 +14,8 @@ from sari_ray.actors.reward import RewardScorer
 from sari_ray.actors.rollout import RolloutWorker
 from sari_ray.actors.rollout_group import RolloutGroup
 from sari_ray.actors.weight_sync import WeightSync
-from sari_ray.config import actor_resources, grpo_settings, rollout_pool_bounds, step_timeout_s, worker_resources
+from sari_ray.config import (actor_resources, cluster_address, grpo_settings, rollout_pool_bounds, step_timeout_s,
+                             worker_resources)
 from sari_ray.curriculum import CurriculumScheduler
 
 
@@ -35,10 +36,8 @@ def connect(cfg):
 def ray_init_kwargs(cfg) -> dict[str, Any]:
     """Attach to a cluster if one is named (or we run inside a submitted job), else start a local one whose
     custom resources cover the configured actors, bound to 127.0.0.1."""
-    import os
-
-    if cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
-        return {"address": cfg.cluster.address or os.environ["RAY_ADDRESS"], "log_to_driver": True}
+    if address := cluster_address(cfg):
+        return {"address": address, "log_to_driver": True}
     from sari_ray.deploy.local_ray import local_cluster_kwargs
 
     need = actor_resources(cfg)
@@ -57,7 +56,7 @@ def threads_per_actor(cfg, group: str) -> int:
     if cfg.cluster.torch_threads_per_actor is not None:
         return int(cfg.cluster.torch_threads_per_actor)
     threads = max(1, int(cfg[group].num_cpus_per_worker))
-    if not (cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
+    if not cluster_address(cfg):
         actors = cfg.rollout.num_workers + cfg.learner.num_workers
         threads = min(threads, max(1, (os.cpu_count() or 1) // actors))
     return threads
